@@ -1,0 +1,1 @@
+"""The built-in algorithms, registered through entry points like any third-party plugin."""

@@ -1,0 +1,153 @@
+"""Groups + routes → padded TrainBatch rows; mini- and micro-batch splitting; Totals."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .types import PromptGroup, Route, Totals, Trajectory, TrainBatch
+
+
+@dataclass
+class _Row:
+    prompt_ids: list[int]
+    traj: Trajectory
+    rl: float
+    sft: float
+    group: int
+    prompt: int
+
+
+def _rows(groups: list[PromptGroup], routes: list[Route]) -> list[_Row]:
+    rows: list[_Row] = []
+    next_singleton = len(groups)  # SFT-only rows get group ids past the prompt groups
+    for g_idx, (group, route) in enumerate(zip(groups, routes)):
+        if route.kind == "drop":
+            continue
+        kept = range(len(group.members)) if route.members is None else route.members
+        rl_rows = [] if route.rl <= 0 else [_Row(group.prompt_ids, group.members[i], route.rl, 0.0, g_idx, g_idx) for i in kept]
+        rows += rl_rows
+        if route.sft <= 0:
+            continue
+        for d in route.demos:
+            if d >= len(group.demonstrations):
+                raise IndexError(f"{group.example.uid}: route asks for demonstration {d}, the prompt has {len(group.demonstrations)}")
+            # A demonstration already trained with RL gets its SFT weight on the same row, not a copy.
+            same = [r for r in rl_rows if r.traj.off_policy and r.traj.teacher == d]
+            if same:
+                same[0].sft = route.sft
+            else:
+                rows.append(_Row(group.prompt_ids, group.demonstrations[d], 0.0, route.sft, next_singleton, g_idx))
+                next_singleton += 1
+    return rows
+
+
+def build_train_batch(groups: list[PromptGroup], routes: list[Route], pad_id: int) -> TrainBatch | None:
+    """Pad every routed row of a step into one TrainBatch; None when everything was dropped."""
+    rows = _rows(groups, routes)
+    if not rows:
+        return None
+    n = len(rows)
+    P = max(len(r.prompt_ids) for r in rows)
+    L = max(1, max(len(r.traj.response_ids) for r in rows))
+    input_ids = torch.full((n, P + L), pad_id, dtype=torch.long)
+    attn = torch.zeros((n, P + L), dtype=torch.long)
+    sampling = torch.zeros((n, L))
+    for i, r in enumerate(rows):
+        p, t = r.prompt_ids, r.traj.response_ids
+        input_ids[i, P - len(p):P] = torch.tensor(p, dtype=torch.long)
+        attn[i, P - len(p):P] = 1
+        if t:
+            input_ids[i, P:P + len(t)] = torch.tensor(t, dtype=torch.long)
+            attn[i, P:P + len(t)] = 1
+        if r.traj.sampling_logprobs is not None:
+            sampling[i, :len(t)] = torch.tensor(r.traj.sampling_logprobs[:len(t)])
+    response_mask = attn[:, P:].bool()
+    return TrainBatch(
+        input_ids=input_ids,
+        attention_mask=attn,
+        position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
+        prompt_len=P,
+        response_ids=input_ids[:, P:].clone(),
+        response_mask=response_mask,
+        rewards=torch.tensor([r.traj.reward if r.traj.reward is not None else 0.0 for r in rows]),
+        group_index=torch.tensor([r.group for r in rows]),
+        prompt_index=torch.tensor([r.prompt for r in rows]),
+        off_policy=torch.tensor([r.traj.off_policy for r in rows]),
+        rl_weight=torch.tensor([r.rl for r in rows]),
+        sft_weight=torch.tensor([r.sft for r in rows]),
+        teacher=torch.tensor([-1 if r.traj.teacher is None else r.traj.teacher for r in rows]),
+        sampling_logprobs=sampling,
+    )
+
+
+def trim_padding(batch: TrainBatch) -> TrainBatch:
+    """Drop columns that are padding in every row (left of prompts, right of responses)."""
+    attn = batch.attention_mask
+    P = batch.prompt_len
+    prompt_used = attn[:, :P].any(0).nonzero()
+    first = int(prompt_used[0]) if len(prompt_used) else P - 1
+    first = min(first, P - 1)  # keep ≥ 1 prompt column: position P-1 predicts the first response token
+    used = batch.response_mask.any(0).nonzero()
+    L = int(used[-1]) + 1 if len(used) else 1
+    if first == 0 and L == batch.response_mask.shape[1]:
+        return batch
+    cols = slice(first, P + L)
+    changes = dict(input_ids=batch.input_ids[:, cols], attention_mask=attn[:, cols],
+                   position_ids=batch.position_ids[:, cols], prompt_len=P - first)
+    for name in ("response_ids", "response_mask", "sampling_logprobs", "old_logprobs", "ref_logprobs"):
+        v = getattr(batch, name)
+        changes[name] = None if v is None else v[:, :L]
+    if batch.advantages is not None and batch.advantages.dim() == 2:
+        changes["advantages"] = batch.advantages[:, :L]
+    return batch.with_(**changes)
+
+
+def totals_of(batch: TrainBatch, max_len: float, micro_batches: int = 1) -> Totals:
+    m = batch.response_mask
+    rl = batch.rl_weight > 0
+    sft = batch.sft_weight > 0
+    return Totals(
+        seqs=float(len(batch)), tokens=float(m.sum()),
+        rl_seqs=float(rl.sum()), rl_tokens=float(m[rl].sum()),
+        sft_seqs=float(sft.sum()), sft_tokens=float(m[sft].sum()),
+        max_len=float(max_len), micro_batches=micro_batches,
+    )
+
+
+def minibatches(batch: TrainBatch, prompts_per_minibatch: int | None) -> list[TrainBatch]:
+    """Split by prompt, so a group (and its advantage baseline) never straddles two updates."""
+    if prompts_per_minibatch is None:
+        return [batch]
+    prompts = batch.prompt_index.unique(sorted=True)
+    out = []
+    for start in range(0, len(prompts), prompts_per_minibatch):
+        chosen = prompts[start:start + prompts_per_minibatch]
+        rows = torch.isin(batch.prompt_index, chosen).nonzero().squeeze(-1)
+        out.append(batch.select(rows))
+    return out
+
+
+def micro_batch_rows(batch: TrainBatch, token_budget: int, whole_groups: bool = False) -> list[torch.Tensor]:
+    """Consecutive row ranges whose padded size (rows × longest row) stays within the budget.
+
+    With ``whole_groups`` a prompt's rows are never split (a prompt larger than the budget
+    gets a micro-batch of its own), for losses that compare members of a group.
+    """
+    lengths = batch.attention_mask.sum(-1).tolist()
+    # Units that must stay together: single rows, or runs of rows of the same prompt.
+    units, start = [], 0
+    for i in range(1, len(lengths) + 1):
+        if not whole_groups or i == len(lengths) or batch.prompt_index[i] != batch.prompt_index[start]:
+            units.append((start, i))
+            start = i
+    out, cur_start, cur_end, longest = [], 0, 0, 0
+    for a, b in units:
+        longest_if = max([longest] + lengths[a:b])
+        if cur_end > cur_start and longest_if * (b - cur_start) > token_budget:
+            out.append(torch.arange(cur_start, cur_end))
+            cur_start, longest_if = a, max(lengths[a:b])
+        cur_end, longest = b, longest_if
+    out.append(torch.arange(cur_start, cur_end))
+    return out

@@ -1,0 +1,309 @@
+"""Run configuration: structured dataclasses, layered loading, two-phase validation.
+
+Layers, later wins: dataclass defaults → ``configs/base.yaml`` → the run's YAML →
+``key=value`` overrides. Phase 1 validates the core sections against ``RunConfig``; phase 2
+validates the ``algorithm:`` section against the dataclass the selected plugin returns from
+``algorithm_config()``. All problems of both phases are collected into one ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+def help_field(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with help text (shown by ``posttrain show-config --help-fields``)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+class ConfigError(ValueError):
+    """Every problem found in a config, one per line."""
+
+    def __init__(self, problems: list[str], source: str = "config"):
+        self.problems = problems
+        super().__init__(f"{len(problems)} problem(s) in {source}:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+# --- core sections -----------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    path: str = help_field("", "Local directory (or hub id) of a causal LM in HF format, tokenizer included.")
+    dtype: str = help_field("float32", "Weights dtype: float32 | bfloat16 | float16. bf16 autocast is used on GPU either way.")
+    gradient_checkpointing: bool = help_field(False, "Recompute activations in backward to save memory.")
+
+
+@dataclass
+class DataConfig:
+    train: str = help_field("", "Training prompts: a .jsonl / .parquet file, a `datasets` directory, or 'synthetic:arithmetic?n=2000&seed=0'.")
+    eval: Optional[str] = help_field(None, "Held-out prompts (same formats), used by the eval section.")
+    prompt_key: str = help_field("prompt", "Field holding the problem text.")
+    answer_key: str = help_field("answer", "Field holding the gold answer.")
+    demo_keys: list = help_field([], "Field(s) holding demonstrations; a field may hold one string or a list (one per teacher).")
+    template: Optional[str] = help_field(None, "Prompt template with {prompt}; None uses the tokenizer's chat template.")
+    system_prompt: Optional[str] = help_field(None, "System message for the chat template (e.g. LUFFY/SRFT's).")
+    max_prompt_tokens: int = help_field(1024, "Prompts longer than this (after templating) raise an error naming the row.")
+    max_demo_tokens: int = help_field(8192, "Demonstrations are cut to this many tokens (EOS is then not appended).")
+    shuffle: bool = help_field(True, "Shuffle prompts each epoch (seeded by trainer.seed).")
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = help_field("hf", "Rollout engine: hf (transformers generate, CPU ok) | vllm (extra).")
+    n: int = help_field(8, "On-policy rollouts per prompt (LUFFY/SRFT: 7, their demonstration makes 8).")
+    temperature: float = help_field(1.0, "Sampling temperature; also divides logits when computing training log-probs.")
+    top_p: float = help_field(1.0, "Nucleus sampling mass.")
+    max_new_tokens: int = help_field(1024, "Response length cap (the papers use 8192).")
+    batch_size: int = help_field(64, "Sequences generated per generate() call (HF engine).")
+
+
+@dataclass
+class VerifierConfig:
+    name: str = help_field("math", "Verifier: math (math-verify) | exact | choice.")
+    timeout_s: float = help_field(10.0, "Hard wall-clock limit per answer; the worker is killed and replaced past it.")
+    workers: int = help_field(2, "Verifier worker processes.")
+
+
+@dataclass
+class TrainerConfig:
+    backend: str = help_field("torch", "Trainer backend: torch | deepspeed (extra).")
+    steps: int = help_field(500, "Optimizer steps (with prompts_per_minibatch < prompts_per_step a rollout step makes several).")
+    prompts_per_step: int = help_field(128, "Prompts per rollout step.")
+    prompts_per_minibatch: Optional[int] = help_field(None, "Prompts per optimizer step; None = the whole rollout batch.")
+    ppo_epochs: int = help_field(1, "Passes over each rollout batch.")
+    micro_batch_tokens: int = help_field(16384, "Token budget (rows × padded length) per forward/backward pass.")
+    logprob_chunk: int = help_field(256, "Positions per chunk when computing log-probs/entropy (memory vs speed).")
+    lr: float = help_field(1e-6, "AdamW learning rate.")
+    betas: list = help_field([0.9, 0.999], "AdamW betas.")
+    weight_decay: float = help_field(0.01, "AdamW weight decay.")
+    schedule: str = help_field("constant", "LR schedule: constant | cosine (with warmup_steps linear warm-up).")
+    warmup_steps: int = help_field(0, "Linear warm-up steps.")
+    min_lr_ratio: float = help_field(0.0, "Cosine floor as a fraction of lr.")
+    grad_clip: Optional[float] = help_field(1.0, "Clip the global gradient norm to this; None disables.")
+    skip_grad_norm_above: Optional[float] = help_field(None, "Skip (and count) a step whose pre-clip grad norm is non-finite or above this (HPT: 80).")
+    seed: int = help_field(0, "Seeds python, numpy, torch and the data order.")
+    device: str = help_field("auto", "auto | cpu | cuda.")
+    zero_stage: int = help_field(2, "DeepSpeed ZeRO stage (deepspeed backend).")
+
+
+@dataclass
+class EvalConfig:
+    every: int = help_field(0, "Evaluate on data.eval every this many steps (0: only before and after training).")
+    n: int = help_field(1, "Samples per eval prompt (accuracy is avg@n).")
+    temperature: float = help_field(0.0, "Eval sampling temperature; 0 is greedy.")
+    top_p: float = help_field(1.0, "Eval nucleus mass.")
+    max_new_tokens: Optional[int] = help_field(None, "Eval response cap; None uses rollout.max_new_tokens.")
+    max_prompts: Optional[int] = help_field(None, "Evaluate on at most this many held-out prompts.")
+    enabled: bool = help_field(True, "Run evaluation when data.eval is set.")
+
+
+@dataclass
+class LoggingConfig:
+    wandb: str = help_field("disabled", "wandb mode: disabled | offline | online.")
+    project: str = help_field("posttrain", "wandb project.")
+    progress: bool = help_field(True, "Show progress bars for rollout / verify / train.")
+    console_every: int = help_field(1, "Print a metrics line every this many steps.")
+
+
+@dataclass
+class RunConfig:
+    algorithm: dict = help_field({"name": "grpo"}, "Algorithm plugin name plus its own fields (validated by the plugin's dataclass).")
+    extensions: list = help_field([], "Extension plugins to load from entry-point group posttrain.extensions.")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    verifier: VerifierConfig = field(default_factory=VerifierConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run_dir: str = help_field("runs/${algorithm.name}", "Run directory: resolved config, metrics.jsonl, checkpoints.")
+    resume: str = help_field("auto", "auto: continue from the newest checkpoint in run_dir | never.")
+    save_every: int = help_field(0, "Checkpoint every this many steps (0: only at the end).")
+    keep_checkpoints: Optional[int] = help_field(2, "Keep this many newest step checkpoints; None keeps all.")
+    stages: list = help_field([], "Stages run in order, each a partial config over this one; stage k+1 starts from stage k's final weights.")
+
+
+# --- the algorithm section's base --------------------------------------------------------------
+
+
+@dataclass
+class GRPOConfig:
+    """GRPO (and the fields every default hook reads). Plugins subclass this."""
+
+    name: str = help_field("grpo", "Algorithm entry-point name.")
+    norm_adv_by_std: bool = help_field(True, "Divide group-centred rewards by the group std (GRPO); False is Dr.GRPO.")
+    adv_eps: float = help_field(1e-6, "Added to the std before dividing.")
+    clip_low: Optional[float] = help_field(0.2, "PPO ε below 1 (ratio ≥ 1−ε); None disables clipping entirely.")
+    clip_high: Optional[float] = help_field(None, "PPO ε above 1 (DAPO clip-higher, 0.28); None = clip_low.")
+    clip_dual: Optional[float] = help_field(None, "Dual-clip constant c (3.0) bounding −A·ρ for A<0; None disables.")
+    ratio_level: str = help_field("token", "token | sequence (GSPO: one length-normalised ratio per sequence).")
+    loss_agg: str = help_field("token-mean", "token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm | token-sum-norm.")
+    loss_max_len: Optional[int] = help_field(None, "L_max for the *-norm modes; None uses rollout.max_new_tokens.")
+    sft_coef: float = help_field(1.0, "Weight of the SFT NLL on rows routed to SFT (token-mean over the mini-batch's demo tokens).")
+    entropy_coef: float = help_field(0.0, "Entropy bonus coefficient (LUFFY/HPT/SRFT code: 0.001).")
+    kl_coef: float = help_field(0.0, "KL(π_θ‖π_ref) loss coefficient; > 0 loads a frozen reference model.")
+    kl_estimator: str = help_field("k3", "k1 | k2 | k3 (low-variance) KL estimator.")
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def default_base_yaml() -> Path | None:
+    p = _REPO_ROOT / "configs" / "base.yaml"
+    return p if p.exists() else None
+
+
+def _suggest(key: str, choices: list[str]) -> str:
+    # A key that extends a real one ("lr_rate" → "lr") beats fuzzy similarity ("min_lr_ratio").
+    stems = [c for c in choices if key.startswith(c + "_") or key.startswith(c + "-")]
+    m = sorted(stems, key=len, reverse=True)[:1] or difflib.get_close_matches(key, choices, n=1)
+    return f" Did you mean '{m[0]}'?" if m else ""
+
+
+def _unknown_keys(node: Any, schema: Any, prefix: str, problems: list[str]) -> None:
+    """Report keys that the schema dataclass does not have (recursively), with did-you-mean."""
+    if not isinstance(node, (dict, DictConfig)) or not dataclasses.is_dataclass(schema):
+        return
+    names = {f.name: f for f in dataclasses.fields(schema)}
+    for k in node:
+        k = str(k)
+        if k not in names:
+            problems.append(f"{prefix}{k}: unknown key.{_suggest(k, list(names))}")
+            continue
+        default = names[k].default_factory() if names[k].default_factory is not dataclasses.MISSING else names[k].default
+        if dataclasses.is_dataclass(default):
+            _unknown_keys(node[k], type(default), f"{prefix}{k}.", problems)
+
+
+def merge_layers(user: DictConfig | dict, overrides: list[str] | None = None, base: Path | None | str = "default") -> DictConfig:
+    """Dataclass defaults ← base.yaml ← user config ← key=value overrides (untyped merge)."""
+    layers = [OmegaConf.create(dataclasses.asdict(RunConfig()))]
+    if base == "default":
+        base = default_base_yaml()
+    if base:
+        layers.append(OmegaConf.load(base))
+    layers.append(OmegaConf.create(user) if isinstance(user, dict) else user)
+    if overrides:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError([f"override {o!r} is not key=value" for o in bad], "command line")
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+    return OmegaConf.merge(*layers)
+
+
+def validate_core(cfg: DictConfig, source: str = "config") -> tuple[RunConfig | None, list[str]]:
+    """Phase 1: every core section against RunConfig. Returns (object or None, problems)."""
+    problems: list[str] = []
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    _unknown_keys(raw, RunConfig, "", problems)
+    if not isinstance(raw.get("algorithm"), dict) or not raw["algorithm"].get("name"):
+        problems.append("algorithm.name: missing (e.g. algorithm: {name: grpo}).")
+    if problems:
+        return None, problems
+    try:
+        typed = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
+        obj: RunConfig = OmegaConf.to_object(typed)
+    except OmegaConfBaseException as e:
+        problems.append(_omegaconf_message(e))
+        return None, problems
+    problems += _check_core_values(obj)
+    return obj, problems
+
+
+def _omegaconf_message(e: OmegaConfBaseException) -> str:
+    key = getattr(e, "full_key", None)
+    msg = str(e).splitlines()[0]
+    return f"{key}: {msg}" if key else msg
+
+
+def _check_core_values(c: RunConfig) -> list[str]:
+    p = []
+    if c.rollout.n < 1:
+        p.append(f"rollout.n: must be >= 1, got {c.rollout.n}.")
+    if not 0 < c.rollout.top_p <= 1:
+        p.append(f"rollout.top_p: must be in (0, 1], got {c.rollout.top_p}.")
+    if c.trainer.steps < 0:
+        p.append(f"trainer.steps: must be >= 0, got {c.trainer.steps}.")
+    if c.trainer.prompts_per_step < 1:
+        p.append(f"trainer.prompts_per_step: must be >= 1, got {c.trainer.prompts_per_step}.")
+    mb = c.trainer.prompts_per_minibatch
+    if mb is not None and (mb < 1 or c.trainer.prompts_per_step % mb):
+        p.append(f"trainer.prompts_per_minibatch ({mb}) must divide trainer.prompts_per_step ({c.trainer.prompts_per_step}).")
+    if c.trainer.schedule not in ("constant", "cosine"):
+        p.append(f"trainer.schedule: '{c.trainer.schedule}' is not constant | cosine.{_suggest(c.trainer.schedule, ['constant', 'cosine'])}")
+    if c.resume not in ("auto", "never"):
+        p.append(f"resume: '{c.resume}' is not auto | never.")
+    if c.logging.wandb not in ("disabled", "offline", "online"):
+        p.append(f"logging.wandb: '{c.logging.wandb}' is not disabled | offline | online.")
+    if not c.stages and not c.model.path:
+        p.append("model.path: missing (a local HF model directory).")
+    if not c.stages and not c.data.train:
+        p.append("data.train: missing (a .jsonl/.parquet file, a datasets dir, or synthetic:arithmetic).")
+    return p
+
+
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "token-sum-norm")
+
+
+def validate_algorithm(section: dict, schema: type, source: str = "config") -> tuple[Any, list[str]]:
+    """Phase 2: the algorithm section against the plugin's dataclass."""
+    problems: list[str] = []
+    _unknown_keys(section, schema, "algorithm.", problems)
+    if problems:
+        return None, problems
+    try:
+        obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(section)))
+    except OmegaConfBaseException as e:
+        return None, [f"algorithm.{_omegaconf_message(e)}"]
+    except (TypeError, ValueError) as e:  # raised by a plugin's __post_init__
+        return None, [f"algorithm: {e}"]
+    if isinstance(obj, GRPOConfig):
+        if obj.loss_agg not in LOSS_AGG_MODES:
+            problems.append(f"algorithm.loss_agg: '{obj.loss_agg}' is not one of {', '.join(LOSS_AGG_MODES)}.{_suggest(obj.loss_agg, list(LOSS_AGG_MODES))}")
+        if obj.ratio_level not in ("token", "sequence"):
+            problems.append(f"algorithm.ratio_level: '{obj.ratio_level}' is not token | sequence.")
+        if obj.kl_estimator not in ("k1", "k2", "k3"):
+            problems.append(f"algorithm.kl_estimator: '{obj.kl_estimator}' is not k1 | k2 | k3.")
+    return obj, problems
+
+
+def load_yaml(path: str | Path) -> DictConfig:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError([f"{path}: no such file"], str(path))
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as e:  # yaml.YAMLError and friends: name the file
+        raise ConfigError([f"{path}: not valid YAML: {e}"], str(path)) from e
+    if isinstance(cfg, ListConfig):
+        raise ConfigError([f"{path}: top level must be a mapping"], str(path))
+    return cfg
+
+
+def stage_configs(cfg: DictConfig) -> list[DictConfig]:
+    """Expand ``stages:`` into full configs (each stage merged over the top level)."""
+    stages = cfg.get("stages") or []
+    if not stages:
+        return [cfg]
+    top = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "stages"])
+    out = []
+    for i, st in enumerate(stages):
+        merged = OmegaConf.merge(top, st)
+        merged.stages = []
+        if "algorithm" in st and "name" in st.algorithm and top.algorithm.get("name") != st.algorithm.name:
+            # a stage naming a different algorithm starts its algorithm section fresh
+            merged.algorithm = OmegaConf.merge({"name": st.algorithm.name}, st.algorithm)
+        out.append(merged)
+    return out

@@ -1,0 +1,118 @@
+"""GRPO and SFT behaviour, written as an ordinary plugin.
+
+Every implementation is ``trylast``: an algorithm plugin overrides a hook by returning a
+value and falls through to these by returning ``None``. If GRPO could not be written against
+the hooks, no other algorithm could either.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import functional as F
+from . import hookimpl
+from .config import GRPOConfig
+from .types import LossTerm, Needs, Route
+
+
+@hookimpl(trylast=True)
+def algorithm_config():
+    return GRPOConfig
+
+
+@hookimpl(trylast=True)
+def requirements(config):
+    return Needs(
+        rollouts=True,
+        reference=getattr(config, "kl_coef", 0.0) > 0,
+        entropy=getattr(config, "entropy_coef", 0.0) > 0,
+    )
+
+
+@hookimpl(trylast=True)
+def register_verifiers(register):
+    from .verify import BUILTIN_VERIFIERS
+
+    for name, factory in BUILTIN_VERIFIERS.items():
+        register(name, factory)
+
+
+@hookimpl(trylast=True)
+def register_rollout_engines(register):
+    from .rollout import hf_engine
+
+    register("hf", hf_engine)
+
+
+@hookimpl(trylast=True)
+def register_trainer_backends(register):
+    from .train import torch_backend
+
+    register("torch", torch_backend)
+
+
+@hookimpl(trylast=True)
+def compose_group(group):
+    return group
+
+
+@hookimpl(trylast=True)
+def route_group(group):
+    if group.members:
+        return Route(rl=1.0)
+    if group.demonstrations:  # offline step: learn the first demonstration
+        return Route(rl=0.0, sft=1.0, demos=(0,))
+    return Route(drop=True)
+
+
+@hookimpl(trylast=True)
+def compute_advantage(batch, config):
+    return F.group_advantages(
+        batch.rewards, batch.group_index, use_std=config.norm_adv_by_std, eps=config.adv_eps, rows=batch.rl_weight > 0
+    )
+
+
+@hookimpl(trylast=True)
+def reference_denominator(batch):
+    return batch.old_logprobs
+
+
+@hookimpl(trylast=True)
+def shape_ratio(batch, ratio, config):
+    if config.ratio_level == "sequence":  # GSPO: one length-normalised ratio per sequence
+        return F.sequence_ratio(torch.log(ratio), torch.zeros_like(ratio), batch.response_mask)
+    return ratio
+
+
+@hookimpl(trylast=True)
+def stabilization_mask(batch, ratio, advantages, config):
+    if config.clip_low is None:
+        return None
+    kept = F.ppo_clip_mask(ratio, advantages, config.clip_low, config.clip_high, config.clip_dual)
+    # Clipping is a trust region around the sampling policy; demonstrations were never sampled
+    # from it, so whether to clip them is the off-policy algorithm's decision, not ours.
+    return kept | batch.off_policy[:, None]
+
+
+@hookimpl(trylast=True)
+def build_loss(batch, outputs, advantages, ratio, mask, config):
+    t = batch.totals
+    tokens = batch.response_mask
+    terms = []
+    rl_rows = batch.rl_weight > 0
+    if t.rl_seqs > 0:
+        pg = -advantages * ratio * mask * batch.rl_weight[:, None]  # [N, L]
+        terms.append(LossTerm("pg", F.aggregate(pg, tokens & rl_rows[:, None], config.loss_agg,
+                                                 num_tokens=t.rl_tokens, num_seqs=t.rl_seqs, max_len=t.max_len)))
+    if t.sft_seqs > 0:
+        sft_tokens = tokens & (batch.sft_weight > 0)[:, None]
+        nll = F.sft_nll(outputs.logprobs, sft_tokens, num_tokens=t.sft_tokens, weights=batch.sft_weight)
+        terms.append(LossTerm("sft", config.sft_coef * nll))
+    if config.entropy_coef > 0 and outputs.entropy is not None:
+        ent = F.aggregate(outputs.entropy, tokens, "token-mean", num_tokens=t.tokens, num_seqs=t.seqs)
+        terms.append(LossTerm("entropy", -config.entropy_coef * ent))
+    if config.kl_coef > 0 and batch.ref_logprobs is not None and t.rl_seqs > 0:
+        kl = F.kl_estimate(outputs.logprobs, batch.ref_logprobs, config.kl_estimator)
+        terms.append(LossTerm("kl", config.kl_coef * F.aggregate(kl, tokens & rl_rows[:, None], config.loss_agg,
+                                                                  num_tokens=t.rl_tokens, num_seqs=t.rl_seqs, max_len=t.max_len)))
+    return terms

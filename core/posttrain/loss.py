@@ -1,0 +1,54 @@
+"""The unified estimator on one micro-batch: forward → denominator → shaping → mask → loss.
+
+Shared by the engine and by ``posttrain.testing.check_algorithm_plugin``, so plugins are
+tested through exactly the code path that trains them.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+from . import functional as F
+from .metrics import Metrics
+from .train.forward import policy_outputs
+from .types import LossTerm, Needs, TrainBatch
+
+
+def micro_batch_loss(hook: Any, algo: Any, step: int, model: Any, micro: TrainBatch, metrics: Metrics, *,
+                     needs: Needs, reference: Any = None, temperature: float = 1.0,
+                     chunk: int = 256) -> tuple[list[LossTerm], dict[str, float]]:
+    """Return (loss terms, diagnostics) for a micro-batch already on the model's device."""
+    dist_fn = functools.partial(_distribution_loss, hook, algo, step, metrics) if needs.reference_vocab else None
+    out = policy_outputs(model, micro, temperature=temperature, chunk=chunk, entropy=True,
+                         distribution_loss=dist_fn, reference=reference)
+    if micro.old_logprobs is None:  # one update per rollout: π_old is the current policy
+        micro = micro.with_(old_logprobs=out.logprobs.detach())
+    adv = micro.advantages
+    adv = adv[:, None].expand_as(out.logprobs) if adv.dim() == 1 else adv  # [N, L]
+    denom = hook.reference_denominator(batch=micro, logprobs=out.logprobs, config=algo, step=step)
+    ratio = F.importance_ratio(out.logprobs, denom)
+    ratio = hook.shape_ratio(batch=micro, ratio=ratio, config=algo, step=step)
+    masks = hook.stabilization_mask(batch=micro, logprobs=out.logprobs, ratio=ratio, advantages=adv, config=algo, step=step)
+    mask = functools.reduce(torch.logical_and, [x for x in masks if x is not None], micro.response_mask)
+    terms = hook.build_loss(batch=micro, outputs=out, advantages=adv, ratio=ratio, mask=mask, config=algo, step=step,
+                            metrics=metrics)
+
+    stats = {"train/entropy": float(F.masked_mean(out.entropy.detach(), micro.response_mask))}
+    on_policy = micro.response_mask & ~micro.off_policy[:, None] & (micro.rl_weight > 0)[:, None]
+    if on_policy.any():
+        stats["train/clip_frac"] = F.clip_fraction(mask, on_policy)
+    if micro.ref_logprobs is not None:
+        kl = F.kl_estimate(out.logprobs.detach(), micro.ref_logprobs, "k3")
+        stats["train/kl"] = float(F.masked_mean(kl, micro.response_mask))
+    return terms, stats
+
+
+def _distribution_loss(hook, algo, step, metrics, logits, reference_logprobs, labels):
+    out = hook.token_distribution_loss(logits=logits, reference_logprobs=reference_logprobs, labels=labels,
+                                       config=algo, step=step, metrics=metrics)
+    if out is None:
+        raise RuntimeError("requirements() asked for reference_vocab, but no plugin implements token_distribution_loss")
+    return out

@@ -1,0 +1,110 @@
+"""Plugin discovery and the per-run plugin manager."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from dataclasses import dataclass
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any, Iterable
+
+import pluggy
+
+from . import defaults, hookspecs
+
+ALGORITHMS = "posttrain.algorithms"
+EXTENSIONS = "posttrain.extensions"
+
+
+class PluginError(RuntimeError):
+    """An algorithm or extension could not be found or loaded."""
+
+
+@dataclass(frozen=True)
+class InstalledPlugin:
+    name: str
+    group: str
+    module: str  # entry-point target, e.g. "posttrain_hpt.plugin"
+    distribution: str
+    version: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.distribution} {self.version}"
+
+
+def _entry_points(group: str) -> dict[str, EntryPoint]:
+    return {ep.name: ep for ep in entry_points(group=group)}
+
+
+def installed(group: str = ALGORITHMS) -> dict[str, InstalledPlugin]:
+    """Installed plugins of a group, read from metadata only (nothing is imported)."""
+    out = {}
+    for name, ep in sorted(_entry_points(group).items()):
+        dist = ep.dist
+        out[name] = InstalledPlugin(name, group, ep.value, dist.name if dist else "?", dist.version if dist else "?")
+    return out
+
+
+def installed_algorithms() -> list[str]:
+    return sorted(installed(ALGORITHMS))
+
+
+def load_plugin_module(name: str, group: str = ALGORITHMS) -> Any:
+    """Import exactly one plugin by entry-point name, with errors that name the fix."""
+    eps = _entry_points(group)
+    kind = "algorithm" if group == ALGORITHMS else "extension"
+    if name not in eps:
+        names = sorted(eps)
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise PluginError(
+            f"Unknown {kind} '{name}'. Installed: {', '.join(names) or '(none)'}.{hint} "
+            f"First-party plugins install with: pip install -e plugins/<name>"
+        )
+    ep = eps[name]
+    info = installed(group)[name]
+    try:
+        return ep.load()
+    except Exception as e:  # any import-time failure of third-party code: name the plugin
+        raise PluginError(f'Error importing {kind} plugin "{name}" ({info.label}, {ep.value}): {type(e).__name__}: {e}') from e
+
+
+def make_plugin_manager(algorithm: str, extensions: Iterable[str] = (), plugins: Iterable[Any] = ()) -> pluggy.PluginManager:
+    """A fresh manager per run: hookspecs, defaults, exactly one algorithm, listed extensions.
+
+    ``plugins`` registers in-process objects or modules (tests, notebooks) after the rest.
+    """
+    pm = pluggy.PluginManager("posttrain")
+    pm.add_hookspecs(hookspecs)
+    pm.register(defaults, name="posttrain.defaults")
+    pm.register(load_plugin_module(algorithm, ALGORITHMS), name=f"algorithm:{algorithm}")
+    for ext in extensions:
+        pm.register(load_plugin_module(ext, EXTENSIONS), name=f"extension:{ext}")
+    for i, p in enumerate(plugins):
+        pm.register(p, name=f"inline:{i}:{getattr(p, '__name__', type(p).__name__)}")
+    pm.check_pending()  # a misspelt hook name fails here, not at step 3,000
+    return pm
+
+
+def overridden_hooks(module: Any) -> list[str]:
+    """Names of the hooks a plugin module implements."""
+    pm = pluggy.PluginManager("posttrain")
+    pm.add_hookspecs(hookspecs)
+    pm.register(module, name="probe")
+    return sorted(h.name for h in pm.get_hookcallers(module) or [])
+
+
+def build_registry(pm: pluggy.PluginManager, hook_name: str) -> dict[str, Any]:
+    """Collect factories from a ``register_*`` hook into a dict name → factory."""
+    found: dict[str, Any] = {}
+
+    def register(name: str, factory: Any) -> None:
+        found.setdefault(name, factory)  # later (lower priority) registrations don't override
+
+    getattr(pm.hook, hook_name)(register=register)
+    return found
+
+
+def import_module(name: str) -> Any:
+    return importlib.import_module(name)

@@ -1,0 +1,85 @@
+"""Forward passes that never build the [N, L, V] log-softmax of a whole batch.
+
+The decoder runs once; the LM head, log-softmax, entropy and any full-vocabulary loss run on
+chunks of positions (``functional.chunked_token_stats``), checkpointed so backward recomputes a
+chunk's logits instead of keeping them all.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .. import functional as F
+from ..batching import trim_padding
+from ..types import ModelOutputs, TrainBatch
+
+# Models whose logits are not a plain linear map of the last hidden state.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
+
+
+def _split_head(model) -> bool:
+    cfg = getattr(model, "config", None)
+    if any(getattr(cfg, a, None) not in (None, 1.0) for a in _LOGIT_TRANSFORMS):
+        return False
+    return hasattr(model, "get_decoder") and model.get_output_embeddings() is not None
+
+
+def response_hidden(model, batch: TrainBatch) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """Hidden states at the positions that predict each response token, and the head.
+
+    Returns ([N, L, H], head) where head maps [n, c, H] → [n, c, V] logits.
+    """
+    P, L = batch.prompt_len, batch.response_ids.shape[1]
+    kw = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+    if _split_head(model):
+        h = model.get_decoder()(**kw, use_cache=False).last_hidden_state
+        return h[:, P - 1:P - 1 + L], model.get_output_embeddings()
+    # Fallback for models with logit post-processing: full logits, used as "hidden" with an identity head.
+    logits = model(**kw, use_cache=False).logits
+    return logits[:, P - 1:P - 1 + L], (lambda x: x)
+
+
+def policy_outputs(
+    model,
+    batch: TrainBatch,
+    *,
+    temperature: float,
+    chunk: int,
+    entropy: bool = False,
+    distribution_loss: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
+    reference=None,
+) -> ModelOutputs:
+    """Log-probs (+ entropy, + a full-vocabulary per-token loss against ``reference``)."""
+    device = next(model.parameters()).device
+    batch = batch.to(device)
+    hidden, head = response_hidden(model, batch)
+    labels = batch.response_ids
+    extra = None
+    if distribution_loss is not None:
+        with torch.no_grad():
+            ref_hidden, ref_head = response_hidden(reference, batch.to(next(reference.parameters()).device))
+        ref_hidden = ref_hidden.to(device)
+
+        def extra(logits: Tensor, sl: slice) -> Tensor:  # [n, c, V] → [n, c]
+            with torch.no_grad():
+                ref_logp = torch.log_softmax(ref_head(ref_hidden[:, sl]).float() / temperature, dim=-1)
+            return distribution_loss(logits, ref_logp, labels[:, sl])
+
+    logprobs, ent, dist = F.chunked_token_stats(
+        hidden, head, labels, temperature=temperature, chunk_size=chunk, entropy=entropy, extra=extra
+    )
+    return ModelOutputs(logprobs=logprobs, entropy=ent, distribution_loss=dist)
+
+
+@torch.no_grad()
+def logprobs_in_micro_batches(model, batch: TrainBatch, rows: list[Tensor], *, temperature: float, chunk: int) -> Tensor:
+    """[N, L] log-probs of a whole batch without gradient (π_old, π_ref), micro-batch by micro-batch."""
+    out = torch.zeros(batch.response_ids.shape, dtype=torch.float32)
+    for r in rows:
+        lp = policy_outputs(model, trim_padding(batch.select(r)), temperature=temperature, chunk=chunk).logprobs
+        out[r, :lp.shape[1]] = lp.float().cpu()
+    return out
+

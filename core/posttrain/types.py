@@ -1,0 +1,212 @@
+"""Data that flows through one training step.
+
+Shapes use N = rows in a (mini/micro-)batch, L = padded response width, P = padded prompt
+width, G = members of one prompt group, V = vocabulary size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Example:
+    """One prompt from a data file."""
+
+    prompt: str  # the problem text, before any template
+    answer: str  # gold answer handed to the verifier
+    demonstrations: list[str] = field(default_factory=list)  # one per teacher; may be empty
+    uid: str = ""  # stable id, e.g. "train.jsonl:17"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Trajectory:
+    """One response to a prompt: sampled from the policy, or a demonstration."""
+
+    response_ids: list[int]  # [T] response tokens, EOS included when the response ended
+    text: str = ""
+    off_policy: bool = False  # True for demonstrations: not sampled from π_θ
+    sampling_logprobs: list[float] | None = None  # [T] log-probs the rollout engine sampled with
+    reward: float | None = None  # set by the verifier
+    finished: bool = True  # ended with EOS (False: cut at max_new_tokens)
+    teacher: int | None = None  # index into Example.demonstrations, for demonstrations
+    verify_status: str = "ok"  # ok | timeout | error | skipped
+
+    @property
+    def correct(self) -> bool:
+        return bool(self.reward is not None and self.reward > 0.5)
+
+
+@dataclass
+class PromptGroup:
+    """A prompt and its responses. Advantages are normalised within a group."""
+
+    example: Example
+    prompt_ids: list[int]  # [P_i] the templated prompt, unpadded
+    members: list[Trajectory] = field(default_factory=list)  # [G] what RL trains on
+    demonstrations: list[Trajectory] = field(default_factory=list)  # tokenized Example.demonstrations
+
+    @property
+    def rewards(self) -> Tensor:  # [G] float
+        return torch.tensor([m.reward if m.reward is not None else 0.0 for m in self.members])
+
+    @property
+    def on_policy(self) -> list[int]:
+        return [i for i, m in enumerate(self.members) if not m.off_policy]
+
+    @property
+    def off_policy(self) -> list[int]:
+        return [i for i, m in enumerate(self.members) if m.off_policy]
+
+    def num_correct(self, on_policy_only: bool = True) -> int:
+        """Count of correct members (on-policy rollouts only by default: HPT's and DYPO's c)."""
+        idx = self.on_policy if on_policy_only else range(len(self.members))
+        return sum(1 for i in idx if self.members[i].correct)
+
+
+@dataclass(frozen=True)
+class Route:
+    """What one prompt group contributes to the loss (returned by ``route_group``).
+
+    ``rl`` weights the policy-gradient loss of the kept members; ``sft`` weights an SFT
+    (negative log-likelihood) term on the demonstrations listed in ``demos``. Both may be
+    non-zero (soft mixing, HPT's α = f(P), β = g(P)).
+    """
+
+    rl: float = 1.0
+    sft: float = 0.0
+    demos: tuple[int, ...] = (0,)  # which demonstrations (teachers) the SFT term trains on
+    members: tuple[int, ...] | None = None  # members kept for RL; None = all of them
+    drop: bool = False  # contribute nothing (DYPO's easy prompts)
+
+    @property
+    def kind(self) -> str:
+        """For route-fraction metrics: drop | sft | mix | rl."""
+        if self.drop or (self.rl <= 0 and self.sft <= 0):
+            return "drop"
+        if self.sft > 0 and self.rl > 0:
+            return "mix"
+        return "sft" if self.sft > 0 else "rl"
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What an algorithm asks the engine to compute (returned by ``requirements``)."""
+
+    rollouts: bool = True  # False: offline step, groups carry only demonstrations (SFT, GIFT)
+    reference: bool = False  # frozen initial model's token log-probs → TrainBatch.ref_logprobs
+    entropy: bool = False  # token entropy of π_θ → ModelOutputs.entropy (computed in chunks)
+    reference_vocab: bool = False  # frozen model's full-vocab log-probs → token_distribution_loss
+    whole_groups: bool = False  # micro-batches never split a prompt's rows (group-level losses, DYPO's GAL)
+
+
+@dataclass(frozen=True)
+class Totals:
+    """Normalisers of the enclosing mini-batch, so a loss split into micro-batches sums to the
+    same value as the loss of the whole mini-batch (gradient accumulation changes nothing)."""
+
+    seqs: float = 0.0  # rows
+    tokens: float = 0.0  # response tokens of all rows
+    rl_seqs: float = 0.0  # rows with rl_weight > 0
+    rl_tokens: float = 0.0
+    sft_seqs: float = 0.0  # rows with sft_weight > 0
+    sft_tokens: float = 0.0
+    max_len: float = 1.0  # constant L_max for seq-mean-token-sum-norm (Dr.GRPO)
+    micro_batches: int = 1  # how many micro-batches the mini-batch was split into
+
+
+# Row fields a TrainBatch slices along dim 0 (everything that is a per-row tensor).
+_ROW_FIELDS = (
+    "input_ids", "attention_mask", "position_ids", "response_ids", "response_mask",
+    "old_logprobs", "sampling_logprobs", "ref_logprobs", "rewards", "group_index", "prompt_index",
+    "off_policy", "rl_weight", "sft_weight", "teacher", "advantages",
+)
+
+
+@dataclass
+class TrainBatch:
+    """Padded rows of a step, a mini-batch, or a micro-batch.
+
+    A row is a prompt followed by one response (rollout or demonstration). Prompts are
+    left-padded to P, responses right-padded to L, so the response always starts at column P.
+    """
+
+    input_ids: Tensor  # [N, P+L] long
+    attention_mask: Tensor  # [N, P+L] long
+    position_ids: Tensor  # [N, P+L] long, counted from the first real prompt token
+    prompt_len: int  # P
+    response_ids: Tensor  # [N, L] long
+    response_mask: Tensor  # [N, L] bool, response tokens up to and including the first EOS
+    rewards: Tensor  # [N] float
+    group_index: Tensor  # [N] long, rows sharing an index form one advantage group
+    prompt_index: Tensor  # [N] long, which prompt of the step the row belongs to
+    off_policy: Tensor  # [N] bool, demonstration rows
+    rl_weight: Tensor  # [N] float, Route.rl for rows trained with RL, else 0
+    sft_weight: Tensor  # [N] float, Route.sft for demonstration rows trained with SFT, else 0
+    teacher: Tensor  # [N] long, demonstration index, -1 for rollouts
+    sampling_logprobs: Tensor | None = None  # [N, L] from the rollout engine, 0 on demonstrations
+    old_logprobs: Tensor | None = None  # [N, L] π_old, the policy before this step's updates
+    ref_logprobs: Tensor | None = None  # [N, L] frozen reference model (Needs.reference)
+    advantages: Tensor | None = None  # [N] or [N, L], set from compute_advantage
+    totals: Totals = field(default_factory=Totals)
+    extras: dict[str, Tensor] = field(default_factory=dict)  # plugin per-row tensors [N, ...]
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def token_mask(self) -> Tensor:  # [N, L] float
+        return self.response_mask.float()
+
+    @property
+    def off_policy_tokens(self) -> Tensor:  # [N, L] bool
+        return self.response_mask & self.off_policy[:, None]
+
+    def select(self, rows: Tensor | list[int] | slice) -> "TrainBatch":
+        """Rows of this batch (totals and prompt_len kept, extras sliced)."""
+        if isinstance(rows, list):
+            rows = torch.tensor(rows, dtype=torch.long)
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name in _ROW_FIELDS and isinstance(v, Tensor):
+                v = v[rows]
+            out[f.name] = v
+        out["extras"] = {k: v[rows] for k, v in self.extras.items()}
+        return TrainBatch(**out)
+
+    def to(self, device: Any) -> "TrainBatch":
+        """All tensors moved to ``device`` (micro-batches travel to the model's device)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        for k, v in out.items():
+            if isinstance(v, Tensor):
+                out[k] = v.to(device)
+        out["extras"] = {k: v.to(device) for k, v in self.extras.items()}
+        return TrainBatch(**out)
+
+    def with_(self, **changes: Any) -> "TrainBatch":
+        return replace(self, **changes)
+
+
+@dataclass
+class ModelOutputs:
+    """The policy's forward pass on a micro-batch, computed in chunks over positions."""
+
+    logprobs: Tensor  # [N, L] log π_θ(y_t | x, y_<t), with gradient
+    entropy: Tensor | None = None  # [N, L] token entropy of π_θ, with gradient (Needs.entropy)
+    distribution_loss: Tensor | None = None  # [N, L] from token_distribution_loss (Needs.reference_vocab)
+
+
+@dataclass
+class LossTerm:
+    """One named part of the loss. ``value`` is already weighted and normalised with the
+    mini-batch Totals; the engine backpropagates the sum of all terms."""
+
+    name: str  # e.g. "pg", "sft", "entropy", "kl", "gal"
+    value: Tensor  # scalar, with gradient
+    metrics: dict[str, float] = field(default_factory=dict)  # extra numbers to log with this term
