@@ -23,7 +23,8 @@ def _params(path):
 
 
 def test_grpo_two_steps(model_dir, tmp_path):
-    final, = train(tiny_config(model_dir, tmp_path / "run", steps=2), base=None)
+    # A random model solves nothing (A = 0 everywhere); the entropy bonus still moves the weights.
+    final, = train(tiny_config(model_dir, tmp_path / "run", steps=2, overrides={"algorithm.entropy_coef": 0.01}), base=None)
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
@@ -33,7 +34,7 @@ def test_grpo_two_steps(model_dir, tmp_path):
         assert 1 <= r["rollout/response_length"] <= 16
         assert r["train/grad_norm"] > 0 and r["train/lr"] == pytest.approx(1e-3)
         assert r["verify/timeouts"] == 0 and r["train/offline_data_ratio"] == 0.0
-        for k in ("loss/pg", "loss/total", "train/entropy", "train/clip_frac", "perf/train_tokens_per_s", "time/step_s"):
+        for k in ("loss/pg", "loss/entropy", "loss/total", "train/entropy", "train/clip_frac", "perf/train_tokens_per_s", "time/step_s"):
             assert k in r, k
     assert final.name == "step-000002"
     before, after = _params(model_dir), _params(final)
@@ -55,7 +56,7 @@ def test_sft_two_steps_is_offline(model_dir, tmp_path):
 
 
 def test_resume_reproduces_uninterrupted_run(model_dir, tmp_path):
-    over = {"save_every": 2}
+    over = {"save_every": 2, "algorithm.entropy_coef": 0.01}
     train(tiny_config(model_dir, tmp_path / "full", steps=4, overrides=over), base=None)
     # "Crash" after step 2: run to 2, then ask for 4 with resume: auto.
     train(tiny_config(model_dir, tmp_path / "resumed", steps=2, overrides=over), base=None)
@@ -89,7 +90,7 @@ def test_micro_batching_does_not_change_the_update(model_dir, tmp_path):
 def test_grpo_micro_batching_and_minibatches(model_dir, tmp_path):
     # GRPO: 4 prompts × 4 rollouts in 1 micro-batch vs 16; same data, same sampled rollouts.
     def run(name, budget):
-        over = {"trainer.micro_batch_tokens": budget}
+        over = {"trainer.micro_batch_tokens": budget, "algorithm.entropy_coef": 0.01}
         final, = train(tiny_config(model_dir, tmp_path / name, steps=1, overrides=over), base=None)
         return _params(final), read_metrics(tmp_path / name / "metrics.jsonl")[0]
 

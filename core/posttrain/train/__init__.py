@@ -26,6 +26,6 @@ class TrainerBackend(Protocol):
 
 
 def torch_backend(model: Any, config: Any, total_steps: int) -> TrainerBackend:
-    from .torch_backend import TorchBackend
+    from .plain_torch import TorchBackend
 
     return TorchBackend(model, config, total_steps)

@@ -1,0 +1,124 @@
+"""Load Examples from JSONL, parquet, a `datasets` directory, or a synthetic spec.
+
+Every error names the file, the line (JSONL, 1-based) or row (0-based), and the field.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+from urllib.parse import parse_qsl
+
+from ..types import Example
+
+
+class DataError(ValueError):
+    """A data row or source is unusable; the message says where and why."""
+
+
+def _rows(source: str) -> Iterator[tuple[str, dict]]:
+    """(location, row) pairs; location is "file:line" or "file:row N"."""
+    path = Path(source)
+    if not path.exists():
+        raise DataError(f"{source}: no such file or directory")
+    if path.is_dir():
+        try:
+            import datasets
+        except ImportError as e:  # the extra is optional
+            raise DataError(f"{source}: reading a datasets directory needs `pip install datasets`") from e
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise DataError(f"{source}: a DatasetDict without a 'train' split (has {sorted(ds)})")
+            ds = ds["train"]
+        for i, row in enumerate(ds):
+            yield f"{path.name}:row {i}", row
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for i, row in enumerate(pq.read_table(path).to_pylist()):
+            yield f"{path.name}:row {i}", row
+    elif path.suffix in (".jsonl", ".json"):
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path.name}:{n}: not valid JSON ({e.msg} at column {e.colno})") from e
+                if not isinstance(row, dict):
+                    raise DataError(f"{path.name}:{n}: expected a JSON object, got {type(row).__name__}")
+                yield f"{path.name}:{n}", row
+    else:
+        raise DataError(f"{source}: unknown format '{path.suffix}' (use .jsonl, .parquet, or a datasets directory)")
+
+
+def _text(where: str, row: dict, key: str, *, allow_number: bool = False) -> str:
+    if key not in row or row[key] is None:
+        raise DataError(f"{where}: field '{key}' is missing (fields: {', '.join(sorted(row))})")
+    v = row[key]
+    if allow_number and isinstance(v, (int, float)) and not isinstance(v, bool):
+        return str(v)
+    if not isinstance(v, str):
+        raise DataError(f"{where}: field '{key}' must be a string, got {type(v).__name__}")
+    if not v.strip():
+        raise DataError(f"{where}: field '{key}' is empty")
+    return v
+
+
+def _demos(where: str, row: dict, keys: list[str]) -> list[str]:
+    out = []
+    for key in keys:
+        if key not in row or row[key] is None:
+            raise DataError(f"{where}: field '{key}' (a data.demo_keys entry) is missing")
+        v = row[key]
+        items = v if isinstance(v, list) else [v]
+        for j, d in enumerate(items):
+            if not isinstance(d, str) or not d.strip():
+                label = f"'{key}'" if not isinstance(v, list) else f"'{key}'[{j}]"
+                raise DataError(f"{where}: field {label} must be a non-empty string, got {type(d).__name__}")
+            out.append(d)
+    return out
+
+
+def load_examples(source: str, *, prompt_key: str = "prompt", answer_key: str = "answer",
+                  demo_keys: list[str] | str | None = None) -> list[Example]:
+    """Every row of ``source`` as an Example; demonstrations concatenated in ``demo_keys`` order."""
+    keys = [demo_keys] if isinstance(demo_keys, str) else list(demo_keys or [])
+    if source.startswith("synthetic:"):
+        return _synthetic(source)
+    examples = []
+    for where, row in _rows(source):
+        used = {prompt_key, answer_key, *keys}
+        examples.append(Example(
+            prompt=_text(where, row, prompt_key),
+            answer=_text(where, row, answer_key, allow_number=True),
+            demonstrations=_demos(where, row, keys),
+            uid=where,
+            meta={k: v for k, v in row.items() if k not in used},
+        ))
+    if not examples:
+        raise DataError(f"{source}: no rows")
+    return examples
+
+
+def _synthetic(spec: str) -> list[Example]:
+    """``synthetic:arithmetic?n=200&seed=0&split=train&min_digits=1&max_digits=2&ops=+-``"""
+    from .synthetic import make_arithmetic
+
+    name, _, query = spec[len("synthetic:"):].partition("?")
+    if name != "arithmetic":
+        raise DataError(f"{spec}: unknown synthetic task '{name}' (available: arithmetic)")
+    params: dict[str, Any] = dict(parse_qsl(query))
+    ints = {"n", "seed", "min_digits", "max_digits"}
+    allowed = ints | {"split", "ops"}
+    unknown = set(params) - allowed
+    if unknown:
+        raise DataError(f"{spec}: unknown parameter(s) {sorted(unknown)}; use {sorted(allowed)}")
+    try:
+        params = {k: int(v) if k in ints else v for k, v in params.items()}
+    except ValueError as e:
+        raise DataError(f"{spec}: {e}") from e
+    return make_arithmetic(**params)
