@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import uuid
 import sys
 from pathlib import Path
 from typing import Any, Iterable
@@ -52,7 +53,7 @@ class RunLogger:
             import wandb  # only when asked for: it is slow to import
 
             id_file = self.run_dir / "wandb_id.txt"
-            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
             id_file.write_text(run_id)
             self._wandb = wandb.init(project=config.project, mode=config.wandb, dir=str(self.run_dir), id=run_id,
                                      resume="allow", config=resolved_config, name=run_name or self.run_dir.name)

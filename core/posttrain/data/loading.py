@@ -111,14 +111,13 @@ def _synthetic(spec: str) -> list[Example]:
     name, _, query = spec[len("synthetic:"):].partition("?")
     if name != "arithmetic":
         raise DataError(f"{spec}: unknown synthetic task '{name}' (available: arithmetic)")
-    params: dict[str, Any] = dict(parse_qsl(query))
+    params: dict[str, Any] = dict(parse_qsl(query.replace("+", "%2B")))  # "ops=+-" means plus, not a space
     ints = {"n", "seed", "min_digits", "max_digits"}
     allowed = ints | {"split", "ops"}
     unknown = set(params) - allowed
     if unknown:
         raise DataError(f"{spec}: unknown parameter(s) {sorted(unknown)}; use {sorted(allowed)}")
     try:
-        params = {k: int(v) if k in ints else v for k, v in params.items()}
+        return make_arithmetic(**{k: int(v) if k in ints else v for k, v in params.items()})
     except ValueError as e:
         raise DataError(f"{spec}: {e}") from e
-    return make_arithmetic(**params)
