@@ -37,23 +37,24 @@ def tiny_tokenizer():
 
 
 def make_tiny_model(path: str | Path, *, hidden: int = 64, layers: int = 2, heads: int = 4, seed: int = 0) -> Path:
-    """Save a random-weight Qwen2-style causal LM and the tiny tokenizer to ``path``.
+    """Save a random-weight Llama-architecture causal LM and the tiny tokenizer to ``path``.
 
     Load it back with ``AutoModelForCausalLM.from_pretrained(path)`` — the same code path as a
-    real checkpoint.
+    real checkpoint. (Llama, not Qwen2: transformers maps model_type qwen2 to Qwen2Tokenizer,
+    whose byte-level pre-tokenizer would silently replace our character-level one on reload.)
     """
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     path = Path(path)
     tok = tiny_tokenizer()
     torch.manual_seed(seed)
-    cfg = Qwen2Config(
+    cfg = LlamaConfig(
         vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=512,
         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
-    model = Qwen2ForCausalLM(cfg)
+    model = LlamaForCausalLM(cfg)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     model.save_pretrained(path)
@@ -127,7 +128,8 @@ def _require(cond: bool, hook: str, rule: str) -> None:
         raise PluginContractError(f"{hook}: {rule}")
 
 
-def check_algorithm_plugin(name: str, *, model_dir: str | Path | None = None, step: int = 0) -> dict[str, Any]:
+def check_algorithm_plugin(name: str, *, model_dir: str | Path | None = None, step: int = 0,
+                           plugins: Sequence[Any] = ()) -> dict[str, Any]:
     """Run an installed algorithm's hooks on tiny inputs through the engine's own code path.
 
     Checks: the config dataclass (defaults, help text), ``requirements``, ``compose_group`` and
@@ -146,7 +148,7 @@ def check_algorithm_plugin(name: str, *, model_dir: str | Path | None = None, st
     from .plugins import make_plugin_manager
     from .types import LossTerm, Needs, Route
 
-    pm = make_plugin_manager(name)
+    pm = make_plugin_manager(name, plugins=plugins)  # ``plugins``: extra in-process ones, registered last
     hook = pm.hook
     schema = hook.algorithm_config()
     _require(dataclasses.is_dataclass(schema), "algorithm_config", f"must return a dataclass type, got {schema!r}")
@@ -202,12 +204,13 @@ def check_algorithm_plugin(name: str, *, model_dir: str | Path | None = None, st
                      "must return a list of LossTerm")
             for t in terms:
                 _require(t.value.dim() == 0, "build_loss", f"term {t.name!r} must be a scalar, got shape {tuple(t.value.shape)}")
-                _require(bool(torch.isfinite(t.value)), "build_loss", f"term {t.name!r} is {float(t.value)}")
-                parts[t.name] = parts.get(t.name, 0.0) + float(t.value)
+                value = float(t.value.detach())
+                _require(torch.isfinite(torch.tensor(value)).item(), "build_loss", f"term {t.name!r} is {value}")
+                parts[t.name] = parts.get(t.name, 0.0) + value
             loss = sum(t.value for t in terms)
             if torch.is_tensor(loss) and loss.requires_grad:
                 loss.backward()
-            total += float(loss)
+            total += float(loss.detach()) if torch.is_tensor(loss) else float(loss)
         grads = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
         return total, parts, grads
 
