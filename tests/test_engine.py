@@ -83,8 +83,10 @@ def test_micro_batching_does_not_change_the_update(model_dir, tmp_path):
     (pa, ma), (pb, mb) = run("one", 100_000), run("eight", 1)
     assert ma["train/rows"] == mb["train/rows"] == 8
     assert ma["loss/sft"] == pytest.approx(mb["loss/sft"], rel=1e-5)
-    assert ma["train/grad_norm"] == pytest.approx(mb["train/grad_norm"], rel=1e-4)
-    assert all(torch.allclose(pa[k], pb[k], atol=1e-6) for k in pa)
+    assert ma["train/grad_norm"] == pytest.approx(mb["train/grad_norm"], rel=1e-5)
+    # Adam divides by √v: on weights whose gradient is ~0, float-rounding differences between the
+    # two summation orders become visible (up to a few % of lr = 1e-3), so compare loosely.
+    assert all(torch.allclose(pa[k], pb[k], atol=1e-4) for k in pa)
 
 
 def test_grpo_micro_batching_and_minibatches(model_dir, tmp_path):
@@ -97,7 +99,7 @@ def test_grpo_micro_batching_and_minibatches(model_dir, tmp_path):
     (pa, ma), (pb, mb) = run("one", 100_000), run("many", 1)
     assert ma["reward/accuracy"] == mb["reward/accuracy"]
     assert ma["loss/pg"] == pytest.approx(mb["loss/pg"], abs=1e-6)
-    assert all(torch.allclose(pa[k], pb[k], atol=1e-6) for k in pa)
+    assert all(torch.allclose(pa[k], pb[k], atol=1e-4) for k in pa)
     # two mini-batches of 2 prompts: two optimizer steps per rollout step, π_old recomputed
     train(tiny_config(model_dir, tmp_path / "mini", steps=2, overrides={"trainer.prompts_per_minibatch": 2}), base=None)
     rows = read_metrics(tmp_path / "mini" / "metrics.jsonl")

@@ -1,9 +1,21 @@
-"""Checkpoints: HF-format weights + trainer state, written atomically (temp dir, then rename)."""
+"""Checkpoints: HF-format weights + trainer state + RNG, written atomically.
+
+Layout: ``run_dir/checkpoints/step-NNNNNN/`` holds ``config.json``, ``model.safetensors``, the
+tokenizer files (so ``from_pretrained`` loads the directory as is), ``trainer_state.pt`` (whatever
+the caller needs to resume: optimizer, scheduler, sampler, step), ``rng.pt`` and ``COMPLETE``.
+
+Atomicity: a save writes everything into ``checkpoints/.tmp-step-NNNNNN-<pid>``, fsyncs it,
+writes ``COMPLETE`` last, then renames the directory into place. A crash at any point leaves
+either no ``step-NNNNNN`` or a complete one, so ``latest_checkpoint`` never sees half a save.
+Temp directories left by a crashed process are removed by the next save / ``latest_checkpoint``.
+One host writes a run directory (rank 0): temp-dir ownership is judged by process id.
+"""
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -11,94 +23,247 @@ from typing import Any
 import numpy as np
 import torch
 
-_HF_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
-             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+CHECKPOINTS_DIR = "checkpoints"
+COMPLETE = "COMPLETE"
+TRAINER_STATE = "trainer_state.pt"
+RNG_STATE = "rng.pt"
+_OWN_FILES = frozenset({COMPLETE, TRAINER_STATE, RNG_STATE})  # everything else in a checkpoint is HF's
+_STEP_RE = re.compile(r"step-(\d+)")
+_TMP_PREFIX = ".tmp-"
+_TMP_RE = re.compile(r"\.tmp-.*-(\d+)")  # .tmp-<what>-<pid>
+
+# Temp dirs this process is writing right now: a cleanup running meanwhile (another thread) must spare them.
+_in_progress: set[Path] = set()
 
 
-def _ckpt_root(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def checkpoint_step(ckpt_dir: str | Path) -> int:
-    return int(Path(ckpt_dir).name.split("-")[1])
+# --- RNG ---------------------------------------------------------------------------------------
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, numpy (global) and torch CPU generators, plus every CUDA device's when CUDA is up."""
+    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
+                             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore what ``rng_state`` captured. CUDA states are restored for the devices both runs have."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available():
+        for device, s in enumerate(cuda[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, device)
 
 
-def _fsync_dir(path: Path) -> None:
-    for f in path.iterdir():
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+# --- naming ------------------------------------------------------------------------------------
 
 
-def _clean_stale(root: Path) -> None:
-    for d in root.glob(".tmp-*"):  # left by a save that crashed half-way
+def _root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS_DIR
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def checkpoint_step(ckpt_dir: str | Path) -> int:
+    """The step a ``step-NNNNNN`` directory holds."""
+    m = _STEP_RE.fullmatch(Path(ckpt_dir).name)
+    if m is None:
+        raise ValueError(f"{ckpt_dir}: not a checkpoint directory (expected a name like step-000012)")
+    return int(m.group(1))
+
+
+def is_complete(ckpt_dir: str | Path) -> bool:
+    return (Path(ckpt_dir) / COMPLETE).is_file()
+
+
+def _complete_checkpoints(root: Path) -> list[Path]:
+    """Complete ``step-*`` directories, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [d for d in root.iterdir() if d.is_dir() and _STEP_RE.fullmatch(d.name) and is_complete(d)]
+    return sorted(found, key=checkpoint_step)
+
+
+# --- durability helpers ------------------------------------------------------------------------
+
+
+def _fsync_path(path: Path) -> None:
+    # Directories need an fsync too on POSIX, or a rename/new entry may not survive a power cut.
+    if path.is_dir() and os.name != "posix":
+        return  # Windows cannot open a directory for fsync; NTFS journals the rename itself
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            _fsync_path(Path(dirpath) / name)
+        _fsync_path(Path(dirpath))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _is_stale(tmp: Path) -> bool:
+    """A temp dir nobody is writing: its owner is dead, or it is ours but no save of ours is running."""
+    if tmp.resolve() in _in_progress:
+        return False
+    m = _TMP_RE.fullmatch(tmp.name)
+    if m is None:
+        return True  # not a name we make; nothing can be writing it under our protocol
+    pid = int(m.group(1))
+    # Our own pid without a save in progress: an earlier save in this process died, or (containers)
+    # the crashed process had the same pid as this one.
+    return pid == os.getpid() or not _pid_alive(pid)
+
+
+def remove_stale_temps(run_dir: str | Path) -> list[Path]:
+    """Delete temp dirs left by crashed saves/prunes; returns what was removed."""
+    root = _root(run_dir)
+    if not root.is_dir():
+        return []
+    stale = [d for d in root.iterdir() if d.name.startswith(_TMP_PREFIX) and _is_stale(d)]
+    for d in stale:
         shutil.rmtree(d, ignore_errors=True)
+    return stale
+
+
+# --- save --------------------------------------------------------------------------------------
 
 
 def save_checkpoint(run_dir: str | Path, step: int, *, model: Any, tokenizer: Any, trainer_state: dict,
                     keep_last: int | None = None) -> Path:
-    """Write ``checkpoints/step-NNNNNN``; a crash at any point leaves the previous one intact."""
-    root = _ckpt_root(run_dir)
+    """Write ``run_dir/checkpoints/step-NNNNNN`` atomically and return it.
+
+    ``keep_last``: afterwards keep only the newest ``keep_last`` complete checkpoints (the one just
+    written always survives, also when ``keep_last < 1`` or newer steps exist); ``None`` keeps all.
+    """
+    root = _root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
-    _clean_stale(root)
-    final = root / f"step-{step:06d}"
-    tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
-    tmp.mkdir()
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    torch.save(trainer_state, tmp / "trainer_state.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
-    _fsync_dir(tmp)
-    (tmp / "COMPLETE").write_text(str(step))
-    if final.exists():  # re-saving the same step: move the old one aside first
-        old = root / f".tmp-old-{step:06d}-{os.getpid()}"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
+    remove_stale_temps(run_dir)
+    final = root / step_dir_name(step)
+    tmp = root / f"{_TMP_PREFIX}{final.name}-{os.getpid()}"
+    key = tmp.resolve()
+    _in_progress.add(key)
+    try:
+        tmp.mkdir()
+        _write_contents(tmp, model=model, tokenizer=tokenizer, trainer_state=trainer_state)
+        _mark_complete(tmp, step)
+        _publish(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing partial stays behind, in or out of view
+        raise
+    finally:
+        _in_progress.discard(key)
     if keep_last is not None:
-        done = sorted((d for d in root.glob("step-*") if (d / "COMPLETE").exists()), key=checkpoint_step)
-        for d in done[:-keep_last]:
-            shutil.rmtree(d, ignore_errors=True)
+        prune_checkpoints(run_dir, keep_last, protect=final)
     return final
 
 
+def _write_contents(tmp: Path, *, model: Any, tokenizer: Any, trainer_state: dict) -> None:
+    # safe_serialization=True: transformers 4.x would otherwise default to safetensors too, but say so;
+    # 5.x always writes safetensors and ignores the argument.
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    torch.save(trainer_state, tmp / TRAINER_STATE)
+    torch.save(rng_state(), tmp / RNG_STATE)
+    _fsync_tree(tmp)
+
+
+def _mark_complete(tmp: Path, step: int) -> None:
+    # Last file written, after everything else is on disk: a directory without it is never trusted,
+    # even if it reached its final name some other way (a manual copy, an rsync cut short).
+    marker = tmp / COMPLETE
+    marker.write_text(f"{step}\n")
+    _fsync_path(marker)
+    _fsync_path(tmp)
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` to ``final``. A directory cannot atomically replace a non-empty one, so an
+    existing ``final`` (the same step saved again) is moved aside first and deleted afterwards;
+    a crash between the two renames loses only that step, and the previous checkpoint is latest."""
+    if not final.exists():
+        os.replace(tmp, final)
+        _fsync_path(final.parent)
+        return
+    aside = final.with_name(f"{_TMP_PREFIX}old-{final.name}-{os.getpid()}")
+    os.replace(final, aside)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        os.replace(aside, final)  # put the old one back rather than leave the step missing
+        raise
+    _fsync_path(final.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def prune_checkpoints(run_dir: str | Path, keep_last: int, *, protect: Path | None = None) -> list[Path]:
+    """Delete all but the newest ``keep_last`` (at least 1) complete checkpoints; returns the deleted."""
+    done = _complete_checkpoints(_root(run_dir))
+    doomed = [d for d in done[: max(0, len(done) - max(1, keep_last))] if d != protect]
+    for d in doomed:
+        # Rename out of view first: a crash mid-rmtree must not leave a half-deleted dir that still
+        # carries COMPLETE. The leftover temp dir is cleaned up as stale later.
+        gone = d.with_name(f"{_TMP_PREFIX}del-{d.name}-{os.getpid()}")
+        os.replace(d, gone)
+        shutil.rmtree(gone, ignore_errors=True)
+    return doomed
+
+
+# --- load --------------------------------------------------------------------------------------
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    root = _ckpt_root(run_dir)
-    if not root.exists():
-        return None
-    done = [d for d in root.glob("step-*") if (d / "COMPLETE").exists()]
-    return max(done, key=checkpoint_step) if done else None
+    """The newest complete ``step-*`` checkpoint, or None. Also clears crashed saves' temp dirs."""
+    remove_stale_temps(run_dir)
+    done = _complete_checkpoints(_root(run_dir))
+    return done[-1] if done else None
 
 
 def load_checkpoint_state(ckpt_dir: str | Path) -> tuple[dict, dict]:
+    """``(trainer_state, rng)``; tensors land on CPU (``optimizer.load_state_dict`` moves them to the
+    parameters' device), so a GPU checkpoint also resumes on a CPU-only machine."""
     ckpt_dir = Path(ckpt_dir)
-    # weights_only=False: the state holds optimizer dicts and numpy RNG tuples we wrote ourselves.
-    return (torch.load(ckpt_dir / "trainer_state.pt", weights_only=False),
-            torch.load(ckpt_dir / "rng.pt", weights_only=False))
+    if not is_complete(ckpt_dir):
+        raise FileNotFoundError(f"{ckpt_dir}: not a complete checkpoint (no {COMPLETE} marker)")
+    # weights_only=False: the files hold numpy RNG tuples and arbitrary caller state we wrote ourselves.
+    trainer_state = torch.load(ckpt_dir / TRAINER_STATE, map_location="cpu", weights_only=False)
+    rng = torch.load(ckpt_dir / RNG_STATE, map_location="cpu", weights_only=False)
+    return trainer_state, rng
 
 
 def export_hf(ckpt_dir: str | Path, out_dir: str | Path) -> Path:
-    """Copy just the HF files (weights, config, tokenizer): loadable by ``from_pretrained``."""
-    out = Path(out_dir)
+    """Copy the HF files (weights, configs, tokenizer) to ``out_dir``: a directory that
+    ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained`` load, without trainer state."""
+    src, out = Path(ckpt_dir), Path(out_dir)
+    if not is_complete(src):
+        raise FileNotFoundError(f"{src}: not a complete checkpoint (no {COMPLETE} marker)")
     out.mkdir(parents=True, exist_ok=True)
-    for f in Path(ckpt_dir).iterdir():
-        if f.name in _HF_FILES or f.name.startswith("model-") and f.suffix == ".safetensors":
+    # Copy everything but our own files, rather than a list of HF names: shard names, tokenizer
+    # files and chat templates vary by model and transformers version.
+    for f in src.iterdir():
+        if f.name in _OWN_FILES:
+            continue
+        if f.is_dir():
+            shutil.copytree(f, out / f.name, dirs_exist_ok=True)
+        else:
             shutil.copy2(f, out / f.name)
     return out

@@ -1,113 +1,197 @@
-"""Run logging: metrics.jsonl (the record), a console line, wandb when enabled, progress bars."""
+"""Run logging: ``metrics.jsonl`` (the record), a console line, wandb when enabled, progress bars.
+
+``metrics.jsonl`` is the source of truth: one JSON object per logged step, ``{"step": N, ...}``.
+It is strict JSON (any reader parses it), so non-finite values — which JSON cannot express —
+are written as ``null`` and read back as ``None``; wandb still receives the original NaN/inf.
+"""
 
 from __future__ import annotations
 
 import json
 import math
-import uuid
+import secrets
+import string
 import sys
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
-# Keys shown on the console line, in this order, when present.
-_CONSOLE = [("reward/accuracy", "acc"), ("eval/accuracy", "eval"), ("loss/total", "loss"), ("train/entropy", "ent"),
-            ("route/sft", "sft"), ("train/grad_norm", "gn"), ("train/lr", "lr"), ("time/step_s", "s")]
+if TYPE_CHECKING:
+    from .config import LoggingConfig
+
+METRICS_FILE = "metrics.jsonl"
+WANDB_ID_FILE = "wandb_id.txt"
+
+# Keys shown on the console line, in this order, when present: (metric key, short label).
+_CONSOLE_KEYS = [
+    ("reward/mean", "reward"), ("reward/accuracy", "acc"), ("eval/accuracy", "eval"), ("loss/total", "loss"),
+    ("train/entropy", "ent"), ("route/sft", "sft"), ("train/grad_norm", "gn"), ("train/lr", "lr"),
+]
+_CONSOLE_TIME_KEY = "time/step_s"  # shown last, as "1.9 s"
 
 
-def _finite(v: Any) -> Any:
-    # JSON has no NaN/inf: write null so every line parses with any JSON reader.
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
+# --- metrics.jsonl -----------------------------------------------------------------------------
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """Rows of a ``metrics.jsonl``; non-finite values come back as ``None``.
+
+    A torn final line (the writer was killed mid-write, or is writing right now) is skipped;
+    a bad line anywhere else is real corruption and raises.
+    """
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise
+    return rows
 
 
-def truncate_metrics(path: Path, max_step: int) -> None:
-    """Keep rows with step <= max_step, so a resumed run's file equals an uninterrupted one."""
+def truncate_metrics(path: str | Path, max_step: int) -> None:
+    """Keep only rows with ``step <= max_step``, so a resumed run's file equals an uninterrupted one's."""
+    path = Path(path)
     if not path.exists():
         return
-    keep = [r for r in read_metrics(path) if r.get("step", 0) <= max_step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-    tmp.replace(path)
+    keep = [r for r in read_metrics(path) if r["step"] <= max_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(_dumps(r) + "\n" for r in keep))
+    tmp.replace(path)  # atomic: a crash here leaves either the old or the new file, never half of one
 
 
-class RunLogger:
-    def __init__(self, run_dir: str | Path, config: Any, resolved_config: dict, *, resume_step: int | None = None,
-                 run_name: str | None = None):
-        self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.config = config
-        self.path = self.run_dir / "metrics.jsonl"
-        if resume_step is not None:
-            truncate_metrics(self.path, resume_step)
-        elif self.path.exists():
-            self.path.unlink()  # a fresh run starts a fresh record
-        self._file = open(self.path, "a")
-        self._wandb = None
-        if config.wandb != "disabled":
-            import wandb  # only when asked for: it is slow to import
+def _dumps(row: dict) -> str:
+    # allow_nan=False: fail loudly rather than emit the non-standard NaN token if a caller bypasses _json_value.
+    return json.dumps(row, allow_nan=False)
 
-            id_file = self.run_dir / "wandb_id.txt"
-            run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
-            id_file.write_text(run_id)
-            self._wandb = wandb.init(project=config.project, mode=config.wandb, dir=str(self.run_dir), id=run_id,
-                                     resume="allow", config=resolved_config, name=run_name or self.run_dir.name)
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        row = {"step": step, **{k: _finite(float(v)) for k, v in metrics.items()}}
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
-        if self._wandb is not None:
-            self._wandb.log(metrics, step=step)
-        every = max(1, getattr(self.config, "console_every", 1))
-        if step % every == 0 or any(k.startswith("eval/") for k in metrics):
-            parts = [f"step {step}"] + [f"{short} {_fmt(metrics[k])}" for k, short in _CONSOLE if k in metrics]
-            print(" | ".join(parts), file=sys.stderr, flush=True)
+def _as_float(key: str, value: Any) -> float:
+    if value is None:  # "no value this step" (e.g. an empty group): same as NaN
+        return math.nan
+    try:
+        return float(value)  # also accepts ints, bools, numpy scalars and 0-dim tensors
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"metric {key!r}: expected a number, got {type(value).__name__}") from e
 
-    def close(self) -> None:
-        if not self._file.closed:
-            self._file.close()
-        if self._wandb is not None:
-            self._wandb.finish()
-            self._wandb = None
 
-    def __enter__(self) -> "RunLogger":
-        return self
+def _json_value(v: float) -> float | None:
+    return v if math.isfinite(v) else None
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+
+# --- console line ------------------------------------------------------------------------------
 
 
 def _fmt(v: float) -> str:
-    if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e4):
-        return f"{v:.2e}"
-    return f"{v:.4g}"
+    """Compact number: 0.41, 0.0123, 1.0e-06, 1234."""
+    if not math.isfinite(v):
+        return str(v)
+    a = abs(v)
+    if a == 0:
+        return "0"
+    if a < 1e-3 or a >= 1e6:
+        return f"{v:.1e}"
+    if a >= 100:
+        return f"{v:.0f}"
+    return f"{v:.3g}"
 
 
-class _NoBar:
-    def __init__(self, iterable: Iterable | None):
-        self._it = iterable
+def console_line(step: int, metrics: dict[str, float]) -> str:
+    """``step 12 | reward 0.41 | acc 0.38 | loss 0.0123 | gn 0.71 | lr 1.0e-06 | 1.9 s``."""
+    parts = [f"step {step}"] + [f"{label} {_fmt(float(metrics[k]))}" for k, label in _CONSOLE_KEYS if k in metrics]
+    if _CONSOLE_TIME_KEY in metrics:
+        s = float(metrics[_CONSOLE_TIME_KEY])
+        parts.append(f"{s:.1f} s" if s >= 1 else f"{s:.2f} s")
+    return " | ".join(parts)
 
-    def __iter__(self):
-        return iter(self._it if self._it is not None else ())
 
-    def update(self, n: int = 1) -> None:
-        pass
+# --- the logger --------------------------------------------------------------------------------
 
-    def close(self) -> None:
-        pass
+
+class RunLogger:
+    """Writes every logged step to ``run_dir/metrics.jsonl``, optionally to wandb, and a console line.
+
+    ``resume_step=None`` starts a fresh record (an existing ``metrics.jsonl`` from an earlier
+    attempt is discarded, so steps never appear twice) and a fresh wandb run. ``resume_step=k``
+    keeps rows up to step ``k`` — the steps the resumed checkpoint already contains — and
+    continues the wandb run whose id is stored in ``run_dir/wandb_id.txt``.
+    """
+
+    def __init__(self, run_dir: str | Path, config: LoggingConfig, resolved_config: dict, *,
+                 resume_step: int | None = None, run_name: str | None = None):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.config = config
+        self.path = self.run_dir / METRICS_FILE
+        self._console_every = max(1, int(config.console_every))
+        self._wandb: Any = None
+        if config.wandb != "disabled":
+            self._wandb = self._start_wandb(resolved_config, resumed=resume_step is not None, run_name=run_name)
+        if resume_step is not None:
+            truncate_metrics(self.path, resume_step)
+        elif self.path.exists():
+            self.path.unlink()
+        self._file = open(self.path, "a")
+
+    def _start_wandb(self, resolved_config: dict, *, resumed: bool, run_name: str | None) -> Any:
+        import wandb  # imported only when asked for: the import alone takes ~0.5 s
+
+        id_file = self.run_dir / WANDB_ID_FILE
+        if resumed and id_file.exists():
+            run_id = id_file.read_text().strip()
+        else:
+            run_id = _new_wandb_id()
+            id_file.write_text(run_id + "\n")
+        # Caveat: wandb drops steps at or below the last one it already has, so rows logged after the
+        # checkpoint but before the crash keep their first values in wandb; metrics.jsonl is exact.
+        return wandb.init(project=self.config.project, mode=self.config.wandb, dir=str(self.run_dir), id=run_id,
+                          resume="allow", config=resolved_config, name=run_name or self.run_dir.name)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Append ``{"step": step, **metrics}``; eval rows are always echoed to the console."""
+        if "step" in metrics:
+            raise ValueError("'step' is reserved for the step number; rename the metric")
+        values = {k: _as_float(k, v) for k, v in metrics.items()}
+        row = {"step": int(step), **{k: _json_value(v) for k, v in values.items()}}
+        self._file.write(_dumps(row) + "\n")
+        self._file.flush()  # a crash loses at most the line being written
+        if self._wandb is not None:
+            self._wandb.log(values, step=int(step))
+        if step % self._console_every == 0 or any(k.startswith("eval/") for k in metrics):
+            print(console_line(step, values), flush=True)
+
+    def close(self, exit_code: int | None = None) -> None:
+        """Close the file and finish the wandb run (``exit_code != 0`` marks it failed). Idempotent."""
+        if not self._file.closed:
+            self._file.close()
+        if self._wandb is not None:
+            run, self._wandb = self._wandb, None
+            run.finish(exit_code=exit_code)
+
+    def __enter__(self) -> RunLogger:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: Any) -> None:
+        self.close(exit_code=1 if exc_type is not None else None)
+
+
+def _new_wandb_id() -> str:
+    # wandb's own generator is private API that moves between versions; its ids are 8 chars of [a-z0-9].
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
+# --- progress bars -----------------------------------------------------------------------------
 
 
 def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "", enabled: bool = True,
-             leave: bool = False):
-    """A tqdm bar on stderr, or a silent stand-in with the same iterate/update/close API."""
-    if not enabled:
-        return _NoBar(iterable)
+             leave: bool = False) -> Any:
+    """A tqdm bar on stderr (metrics lines go to stdout, so ``> log.txt`` keeps just those).
+
+    ``enabled=False`` returns tqdm's disabled bar: it iterates the iterable untouched and its
+    ``update()`` / ``close()`` / ``set_postfix()`` do nothing — the same API by construction.
+    """
     from tqdm import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, leave=leave, file=sys.stderr, dynamic_ncols=True)
+    return tqdm(iterable, total=total, desc=desc, leave=leave, file=sys.stderr, dynamic_ncols=True,
+                disable=not enabled)
