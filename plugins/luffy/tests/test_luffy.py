@@ -1,0 +1,376 @@
+"""LUFFY plugin: mixed groups, π_ref ≡ 1, shaping gradients, on/off loss parts, aggregation modes.
+
+Losses are checked on hand-made batches whose rows have chosen lengths, log-probs and
+entropies, so every expected number is written out as arithmetic. ``run_split`` feeds those
+tensors through the engine's own per-micro-batch code path (``posttrain.loss.micro_batch_loss``:
+reference_denominator → shape_ratio → stabilization_mask → build_loss, defaults included) by
+standing in for the model's forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import posttrain.loss
+from posttrain import ModelOutputs, Needs, Route
+from posttrain import functional as F
+from posttrain.batching import build_train_batch, totals_of, trim_padding
+from posttrain.config import validate_algorithm
+from posttrain.metrics import Metrics
+from posttrain.plugins import make_plugin_manager
+from posttrain.testing import tiny_group, tiny_tokenizer
+from posttrain_luffy.plugin import LUFFYConfig
+
+ROOT = Path(__file__).resolve().parents[3]
+TOK = tiny_tokenizer()
+EOS, PAD = TOK.eos_token_id, TOK.pad_token_id
+L_MAX = 16  # the constant L_max of token-sum-norm in every hand computation
+
+
+@pytest.fixture(scope="module")
+def pm():
+    return make_plugin_manager("luffy")
+
+
+def group(rewards, lens, demo_len, uid, *, demo_reward=1.0, demos=("demo",)):
+    """A verified group whose rollouts have the given token counts (EOS included)."""
+    g = tiny_group(rewards, uid=uid, demos=demos, demo_reward=demo_reward)
+    for m, n in zip(g.members, lens):
+        m.response_ids = [10] * (n - 1) + [EOS]
+        m.sampling_logprobs = [-1.0] * n
+    for d in g.demonstrations:
+        d.response_ids = [11] * (demo_len - 1) + [EOS]
+    return g
+
+
+def compose_and_batch(pm, cfg, groups, metrics=None):
+    metrics = metrics if metrics is not None else Metrics()
+    groups = [pm.hook.compose_group(group=g, config=cfg, step=0, metrics=metrics) for g in groups]
+    routes = [pm.hook.route_group(group=g, config=cfg, step=0, metrics=metrics) for g in groups]
+    batch = build_train_batch(groups, routes, PAD)
+    batch.extras["row"] = torch.arange(len(batch))  # lets the stand-in forward find a micro-batch's rows
+    batch.advantages = pm.hook.compute_advantage(batch=batch, config=cfg, step=0, metrics=metrics)
+    return groups, routes, batch
+
+
+def fill(batch, values):
+    """[N, L] tensor with row i's real tokens set from values[i] (a number or a list), 0 on padding."""
+    out = torch.zeros(batch.response_mask.shape)
+    for i, v in enumerate(values):
+        n = int(batch.response_mask[i].sum())
+        out[i, :n] = torch.tensor(v if isinstance(v, list) else [float(v)] * n)
+    return out
+
+
+def run_split(pm, cfg, batch, split, logprobs, entropy, monkeypatch, metrics=None):
+    """Loss of a mini-batch processed as the given micro-batches; returns (total, parts, ∂/∂logp, ∂/∂H)."""
+    lp = logprobs.clone().requires_grad_(True)
+    ent = entropy.clone().requires_grad_(True)
+
+    def forward(model, micro, **kw):  # stands in for the policy's chunked forward pass
+        rows, width = micro.extras["row"], micro.response_ids.shape[1]
+        return ModelOutputs(logprobs=lp[rows, :width], entropy=ent[rows, :width])
+
+    monkeypatch.setattr(posttrain.loss, "policy_outputs", forward)
+    totals = totals_of(batch, max_len=L_MAX, micro_batches=len(split))
+    total, parts = 0.0, {}
+    for rows in split:
+        micro = trim_padding(batch.select(torch.tensor(rows))).with_(totals=totals)
+        terms, _ = posttrain.loss.micro_batch_loss(pm.hook, cfg, 0, None, micro, metrics or Metrics(),
+                                                   needs=Needs(entropy=True))
+        for t in terms:
+            parts[t.name] = parts.get(t.name, 0.0) + float(t.value.detach())
+        loss = sum(t.value for t in terms)
+        loss.backward()
+        total += float(loss.detach())
+    return total, parts, lp.grad, ent.grad
+
+
+# --- config ---------------------------------------------------------------------------------------
+
+
+def test_config_defaults_are_the_official_setup(pm):
+    cfg = pm.hook.algorithm_config()()
+    assert isinstance(cfg, LUFFYConfig)
+    assert (cfg.n_off, cfg.off_policy_shaping, cfg.shaping_gamma, cfg.aggregation) == (1, "p_div_p", 0.1, "invariant")
+    # r − mean (no std), no clipping, Σ/L_max; entropy 0.001, no KL
+    assert (cfg.norm_adv_by_std, cfg.clip_low, cfg.loss_agg) == (False, None, "token-sum-norm")
+    assert (cfg.entropy_coef, cfg.kl_coef) == (0.001, 0.0)
+    needs = pm.hook.requirements(config=cfg)
+    assert needs.rollouts and needs.entropy and not needs.reference
+
+
+@pytest.mark.parametrize("section, expected", [
+    ({"off_policy_shaping": "p_div_p_0.1"}, "off_policy_shaping 'p_div_p_0.1' is not one of none | p_div_p | sqrt | pow"),
+    ({"aggregation": "per-micro"}, "aggregation 'per-micro' is not one of invariant | official"),
+    ({"n_off": -1}, "n_off must be >= 0"),
+    ({"shaping_gamma": 0.0}, "shaping_gamma and shaping_power must be > 0"),
+    ({"ratio_level": "sequence"}, "ratio_level must be token"),
+    ({"shaping_gama": 0.1}, "algorithm.shaping_gama: unknown key. Did you mean 'shaping_gamma'?"),
+])
+def test_config_errors_name_the_field(section, expected):
+    obj, problems = validate_algorithm({"name": "luffy", **section}, LUFFYConfig)
+    assert obj is None and any(expected in p for p in problems), problems
+
+
+@pytest.mark.parametrize("path", ["configs/luffy.yaml", "configs/demo/luffy.yaml"])
+def test_shipped_configs_validate(path):
+    from posttrain.run import load_config, resolve_stages
+
+    stages = resolve_stages(load_config(ROOT / path), source=path)
+    if path == "configs/demo/luffy.yaml":  # a short SFT warm-up, then LUFFY
+        assert [s.run.algorithm["name"] for s in stages] == ["sft", "luffy"]
+    stage = stages[-1]
+    algo, t, r = stage.algo, stage.run.trainer, stage.run.rollout
+    assert isinstance(algo, LUFFYConfig) and algo.n_off == 1 and algo.off_policy_shaping == "p_div_p"
+    assert r.n == 7  # 7 rollouts + 1 demonstration = the official group of 8
+    if path == "configs/luffy.yaml":  # the official Qwen2.5-Math-7B run
+        assert (t.lr, t.grad_clip, t.prompts_per_step, t.prompts_per_minibatch) == (1e-6, 1.0, 128, 64)
+        assert (r.temperature, r.max_new_tokens, algo.loss_max_len, algo.shaping_gamma) == (1.0, 8192, 8192, 0.1)
+        assert (algo.entropy_coef, algo.kl_coef, algo.clip_low, algo.norm_adv_by_std) == (0.001, 0.0, None, False)
+
+
+# --- the mixed group and its advantage -------------------------------------------------------------
+
+
+def test_seven_wrong_rollouts_and_a_correct_demo(pm):
+    """A_on = 0 − 1/8 = −0.125, A_off = 1 − 1/8 = 0.875 (algorithms.md §1.1, §6)."""
+    cfg = LUFFYConfig()
+    m = Metrics()
+    groups, routes, batch = compose_and_batch(pm, cfg, [tiny_group([0] * 7, uid="g")], m)
+    g = groups[0]
+    assert len(g.members) == 8 and g.on_policy == list(range(7)) and g.off_policy == [7]
+    assert g.members[7] is g.demonstrations[0]  # the same trajectory: verified as a member
+    assert routes == [Route(rl=1.0)] and batch.rl_weight.tolist() == [1.0] * 8
+    assert batch.off_policy.tolist() == [False] * 7 + [True]
+    assert batch.advantages.tolist() == pytest.approx([-0.125] * 7 + [0.875])
+    assert m.summary()["luffy/adv_off"] == pytest.approx(0.875)
+    # std option: torch.std of [0]*7 + [1] is 0.353553 (N−1) → −0.353553 and 2.474874
+    _, _, batch = compose_and_batch(pm, LUFFYConfig(norm_adv_by_std=True), [tiny_group([0] * 7, uid="g")])
+    assert batch.advantages.tolist() == pytest.approx([-0.3535524] * 7 + [2.4748666], rel=1e-5)
+
+
+def test_compose_group_n_off_and_missing_demonstrations(pm):
+    two = ("2+2=4 \\boxed{4}", "2 plus 2 is 4 \\boxed{4}")
+    g = pm.hook.compose_group(group=tiny_group([0, 1], demos=two), config=LUFFYConfig(n_off=2), step=0, metrics=None)
+    assert [m.teacher for m in g.members] == [None, None, 0, 1]
+    g = pm.hook.compose_group(group=tiny_group([0, 1], demos=two), config=LUFFYConfig(), step=0, metrics=None)
+    assert [m.teacher for m in g.members] == [None, None, 0]
+    g = pm.hook.compose_group(group=tiny_group([0, 1], demos=two), config=LUFFYConfig(n_off=0), step=0, metrics=None)
+    assert len(g.members) == 2  # the on-policy baseline: Dr.GRPO on the rollouts
+    again = pm.hook.compose_group(group=g, config=LUFFYConfig(), step=0, metrics=None)
+    assert len(pm.hook.compose_group(group=again, config=LUFFYConfig(), step=0, metrics=None).members) == 3  # idempotent
+    m = Metrics()
+    g = pm.hook.compose_group(group=tiny_group([0, 1], demos=()), config=LUFFYConfig(), step=0, metrics=m)
+    assert len(g.members) == 2 and m.summary()["luffy/no_demo"] == 1.0
+
+
+# --- π_ref ≡ 1 and the shaping -----------------------------------------------------------------------
+
+
+def shaped_token_weight(pm, cfg, p):
+    """∂f/∂log p on one demonstration token with π_θ = p, through the plugin's hooks and autograd."""
+    g = tiny_group([0], uid="w", demos=("d",))  # demo "d" + EOS: 2 tokens
+    _, _, batch = compose_and_batch(pm, cfg, [g])
+    logp = torch.full(batch.response_mask.shape, math.log(p), requires_grad=True)
+    batch.old_logprobs = torch.full(batch.response_mask.shape, -0.7)
+    denom = pm.hook.reference_denominator(batch=batch, logprobs=logp, config=cfg, step=0)
+    ratio = pm.hook.shape_ratio(batch=batch, ratio=F.importance_ratio(logp, denom), config=cfg, step=0)
+    demo = 1  # row 0 is the rollout
+    ratio[demo, 0].backward()
+    return float(ratio[demo, 0].detach()), float(logp.grad[demo, 0])
+
+
+@pytest.mark.parametrize("p, weight", [(0.1, 0.25), (0.01, 0.0826446), (0.5, 0.1388889), (1.0, 0.0826446)])
+def test_shaped_gradient_weight_is_gamma_p_over_p_plus_gamma_squared(pm, p, weight):
+    value, grad = shaped_token_weight(pm, LUFFYConfig(), p)
+    assert value == pytest.approx(p / (p + 0.1))
+    assert grad == pytest.approx(0.1 * p / (p + 0.1) ** 2, rel=1e-5) and grad == pytest.approx(weight, rel=1e-5)
+
+
+@pytest.mark.parametrize("kind, gamma, weight", [
+    ("none", 0.1, lambda p: p),                                # f = p: weight p (unshaped)
+    ("sqrt", 0.1, lambda p: 0.5 * math.sqrt(p)),               # f = √p
+    ("pow", 0.1, lambda p: 0.5 * p ** 0.5),                    # f = p^k, k = 0.5
+    ("p_div_p", 0.3, lambda p: 0.3 * p / (p + 0.3) ** 2),      # the code's other γ
+    ("p_div_p", 0.5, lambda p: 0.5 * p / (p + 0.5) ** 2),
+])
+def test_other_shapings(pm, kind, gamma, weight):
+    for p in (0.01, 0.1, 0.5):
+        _, grad = shaped_token_weight(pm, LUFFYConfig(off_policy_shaping=kind, shaping_gamma=gamma), p)
+        assert grad == pytest.approx(weight(p), rel=1e-5)
+
+
+def test_reference_denominator_is_one_on_demonstrations_only(pm):
+    cfg = LUFFYConfig()
+    _, _, batch = compose_and_batch(pm, cfg, [group([0, 1], [2, 3], 4, "r")])
+    batch.old_logprobs = torch.full(batch.response_mask.shape, -0.7)
+    logp = fill(batch, [-1.0, -1.0, -2.0])
+    denom = pm.hook.reference_denominator(batch=batch, logprobs=logp, config=cfg, step=0)
+    assert torch.equal(denom[2], torch.zeros(4)) and torch.all(denom[:2] == -0.7)
+    ratio = F.importance_ratio(logp, denom)
+    shaped = pm.hook.shape_ratio(batch=batch, ratio=ratio, config=cfg, step=0)
+    assert torch.equal(shaped[:2], ratio[:2])  # rollouts keep ρ = π_θ/π_old
+    assert shaped[2].tolist() == pytest.approx([math.exp(-2) / (math.exp(-2) + 0.1)] * 4)
+
+
+def test_ppo_clip_option_never_clips_demonstrations(pm):
+    """clip_low: 0.2 clips on-policy tokens (ρ = 1.5, A > 0) but keeps the demo (f = 0.09, A < 0)."""
+    cfg = LUFFYConfig(clip_low=0.2)
+    _, _, batch = compose_and_batch(pm, cfg, [group([1, 0], [2, 2], 2, "c", demo_reward=0.0)])
+    assert batch.advantages.tolist() == pytest.approx([2 / 3, -1 / 3, -1 / 3])
+    ratio = fill(batch, [1.5, 1.5, 0.01 / 0.11])
+    adv = batch.advantages[:, None].expand_as(ratio)
+    masks = pm.hook.stabilization_mask(batch=batch, logprobs=None, ratio=ratio, advantages=adv, config=cfg, step=0)
+    kept = [m for m in masks if m is not None][0] & batch.response_mask
+    assert kept.sum(-1).tolist() == [0, 2, 2]  # row 0 clipped (A>0, ρ>1.2); the demo kept though f < 0.8
+    assert pm.hook.stabilization_mask(batch=batch, logprobs=None, ratio=ratio, advantages=adv,
+                                      config=LUFFYConfig(), step=0) == []  # default: no clipping at all
+
+
+# --- the loss, hand-computed -----------------------------------------------------------------------
+
+# Two prompts, 3 rollouts + 1 demo each:
+#   A: rollouts [0,0,0] lengths [2,3,1], demo correct, 4 tokens with π_θ = [.1, .5, 1, .01]
+#      mean 1/4 → A_on = −0.25, A_off = 0.75
+#   B: rollouts [1,0,1] lengths [2,2,2], demo correct, 3 tokens with π_θ = .5
+#      mean 3/4 → A_on = [.25, −.75, .25], A_off = 0.25
+# Rows: [A0, A1, A2, A-demo, B0, B1, B2, B-demo]. Rollout log-probs −1 with π_old = π_θ (ρ = 1,
+# ∂ρ/∂logp = 1). Entropy 1.0 on demo tokens, 2.0 on rollout tokens. Tokens: rollouts 12, demos 7.
+DEMO_P = [0.1, 0.5, 1.0, 0.01]
+F_A = sum(p / (p + 0.1) for p in DEMO_P)  # 2.333333
+F_B = 3 * 0.5 / 0.6  # 2.5
+DF = lambda p: 0.1 * p / (p + 0.1) ** 2  # noqa: E731  ∂f/∂logp
+
+
+def loss_batch(pm, cfg, rewards_b=(1, 0, 1)):
+    groups = [group([0, 0, 0], [2, 3, 1], 4, "A"), group(list(rewards_b), [2, 2, 2], 3, "B")]
+    _, _, batch = compose_and_batch(pm, cfg, groups)
+    lp = fill(batch, [-1.0] * 3 + [[math.log(p) for p in DEMO_P]] + [-1.0] * 3 + [math.log(0.5)])
+    ent = fill(batch, [2.0] * 3 + [1.0] + [2.0] * 3 + [1.0])
+    return batch, lp, ent
+
+
+def test_on_and_off_loss_parts(pm, monkeypatch):
+    cfg = LUFFYConfig()
+    batch, lp, ent = loss_batch(pm, cfg)
+    assert batch.advantages.tolist() == pytest.approx([-0.25] * 3 + [0.75, 0.25, -0.75, 0.25, 0.25])
+    m = Metrics()
+    total, parts, g_lp, g_ent = run_split(pm, cfg, batch, [list(range(8))], lp, ent, monkeypatch, m)
+    pg_on = -(-0.25 * (2 + 3 + 1) + 0.25 * 2 - 0.75 * 2 + 0.25 * 2) / L_MAX  # −Σ A_i·|y_i|·ρ / L_max = +0.125
+    pg_off = -(0.75 * F_A + 0.25 * F_B) / L_MAX  # −Σ A·f(p) / L_max = −2.375/16
+    ent_term = -0.001 * (12 * 2.0 + 7 * 1.0) / 19
+    assert parts == pytest.approx({"pg_on": 0.125, "pg_off": -0.1484375, "entropy": ent_term})
+    assert (pg_on, pg_off) == pytest.approx((0.125, -0.1484375))
+    assert total == pytest.approx(0.125 - 0.1484375 - 0.001 * 31 / 19)  # −0.0250690
+    # ∂/∂logp: rollouts −A/L_max; demo tokens −A·γp/(p+γ)²/L_max (0.25 at p = .1, 0.0826 at p = .01)
+    demo_a = [-0.75 * DF(p) / L_MAX for p in DEMO_P]
+    assert demo_a[0] == pytest.approx(-0.75 * 0.25 / L_MAX) and demo_a[3] == pytest.approx(-0.75 * 0.0826446 / L_MAX)
+    expected = fill(batch, [0.25 / L_MAX] * 3 + [demo_a] + [-0.25 / L_MAX, 0.75 / L_MAX, -0.25 / L_MAX]
+                    + [-0.25 * DF(0.5) / L_MAX])
+    assert torch.allclose(g_lp, expected, atol=1e-7)
+    assert torch.allclose(g_ent, -0.001 / 19 * batch.token_mask, atol=1e-9)
+    # metrics: mean π_θ on demonstration tokens (7 tokens), mean advantage of the demonstrations
+    s = m.summary()
+    assert s["luffy/p_off"] == pytest.approx((sum(DEMO_P) + 3 * 0.5) / 7)
+
+
+def test_all_correct_group_contributes_nothing(pm, monkeypatch):
+    """8 correct of 8 (demo included): A = 0 everywhere → zero policy-gradient loss and gradient."""
+    cfg = LUFFYConfig(entropy_coef=0.0)
+    _, _, batch = compose_and_batch(pm, cfg, [group([1] * 7, [2, 3, 1, 2, 2, 4, 1], 3, "ok")])
+    assert batch.advantages.tolist() == [0.0] * 8
+    lp = fill(batch, [-1.0] * 7 + [[math.log(0.05), math.log(0.5), 0.0]])
+    total, parts, g_lp, _ = run_split(pm, cfg, batch, [list(range(8))], lp, torch.zeros_like(lp), monkeypatch)
+    assert parts == {"pg_on": 0.0, "pg_off": 0.0} and total == 0.0
+    assert torch.count_nonzero(g_lp) == 0
+    # mixed with another prompt, it adds nothing to that prompt's loss or gradient
+    batch2, lp2, ent2 = loss_batch(pm, cfg, rewards_b=(1, 1, 1))  # B all correct, demo correct
+    _, parts2, g2, _ = run_split(pm, cfg, batch2, [list(range(8))], lp2, ent2, monkeypatch)
+    assert parts2 == pytest.approx({"pg_on": 0.25 * 6 / L_MAX, "pg_off": -0.75 * F_A / L_MAX})
+    assert torch.count_nonzero(g2[4:]) == 0
+
+
+def test_default_aggregation_does_not_depend_on_micro_batching(pm, monkeypatch):
+    cfg = LUFFYConfig()
+    batch, lp, ent = loss_batch(pm, cfg)
+    whole = run_split(pm, cfg, batch, [list(range(8))], lp, ent, monkeypatch)  # 1 micro-batch of N rows
+    rows = run_split(pm, cfg, batch, [[i] for i in range(8)], lp, ent, monkeypatch)  # N micro-batches of 1 row
+    uneven = run_split(pm, cfg, batch, [[0, 1, 2, 3, 4], [5, 6], [7]], lp, ent, monkeypatch)
+    for other in (rows, uneven):
+        assert other[0] == pytest.approx(whole[0], rel=1e-6) and other[1] == pytest.approx(whole[1], rel=1e-6)
+        assert torch.allclose(other[2], whole[2], atol=1e-8) and torch.allclose(other[3], whole[3], atol=1e-10)
+
+
+def test_official_aggregation_reproduces_per_micro_batch_numbers(pm, monkeypatch):
+    cfg = LUFFYConfig(aggregation="official")
+    batch, lp, ent = loss_batch(pm, cfg)
+    split = [[0, 1, 2, 3], [4, 5, 6, 7]]  # one prompt per micro-batch
+    total, parts, g_lp, g_ent = run_split(pm, cfg, batch, split, lp, ent, monkeypatch)
+    # PG: Σ/L_max per micro-batch, summed: the same as the invariant numbers
+    # entropy: micro-batch A (6·2 + 4·1)/10 = 1.6, B (6·2 + 3·1)/9 = 5/3, each a mean, summed
+    assert parts == pytest.approx({"pg_on": 0.125, "pg_off": -0.1484375, "entropy": -0.001 * (1.6 + 5 / 3)})
+    assert total == pytest.approx(0.125 - 0.1484375 - 0.001 * (1.6 + 5 / 3))
+    expected_ent = fill(batch, [-0.001 / 10] * 4 + [-0.001 / 9] * 4)  # each token weighs 1/(tokens of ITS micro-batch)
+    assert torch.allclose(g_ent, expected_ent, atol=1e-10)
+    invariant = run_split(pm, LUFFYConfig(), batch, [list(range(8))], lp, ent, monkeypatch)
+    assert torch.allclose(g_lp, invariant[2], atol=1e-8)  # the PG gradient is the same in both modes
+    # one micro-batch per mini-batch: the official loss is the invariant loss
+    one = run_split(pm, cfg, batch, [list(range(8))], lp, ent, monkeypatch)
+    assert one[0] == pytest.approx(invariant[0]) and one[1] == pytest.approx(invariant[1])
+
+
+def test_official_token_mean_uses_micro_batch_token_counts(pm, monkeypatch):
+    """loss_remove_token_mean=False in the code: the PG term is a token-mean per micro-batch."""
+    cfg = LUFFYConfig(aggregation="official", loss_agg="token-mean", entropy_coef=0.0)
+    batch, lp, ent = loss_batch(pm, cfg)
+    _, parts, _, _ = run_split(pm, cfg, batch, [[0, 1, 2, 3], [4, 5, 6, 7]], lp, ent, monkeypatch)
+    # A: (−(−0.25·6) − 0.75·F_A)/10 tokens;  B: (−(0.25·2 − 0.75·2 + 0.25·2) − 0.25·F_B)/9 tokens
+    assert parts["pg_on"] == pytest.approx(1.5 / 10 + 0.5 / 9)
+    assert parts["pg_off"] == pytest.approx(-0.75 * F_A / 10 - 0.25 * F_B / 9)
+    _, inv, _, _ = run_split(pm, LUFFYConfig(loss_agg="token-mean", entropy_coef=0.0), batch,
+                             [[0, 1, 2, 3], [4, 5, 6, 7]], lp, ent, monkeypatch)
+    assert inv["pg_on"] == pytest.approx(2.0 / 19) and inv["pg_off"] == pytest.approx(-(0.75 * F_A + 0.25 * F_B) / 19)
+
+
+def test_plain_build_loss_only_in_official_mode():
+    from posttrain_luffy import plugin
+
+    assert plugin.build_loss(batch=None, outputs=None, advantages=None, ratio=None, mask=None,
+                             config=LUFFYConfig()) is None
+
+
+# --- conformance and a real run ----------------------------------------------------------------------
+
+
+def test_check_algorithm_plugin():
+    from posttrain.testing import check_algorithm_plugin
+
+    report = check_algorithm_plugin("luffy")
+    assert report["routes"] == ["rl", "rl", "rl", "rl"]
+    assert report["rows"] == 4 * 4 + 4  # 4 prompts × (4 rollouts + 1 demonstration)
+    assert set(report["terms"]) == {"pg_on", "pg_off", "entropy"}
+
+
+def test_two_step_run_on_the_tiny_model(tmp_path):
+    from posttrain.logging import read_metrics
+    from posttrain.run import train
+    from posttrain.testing import make_tiny_model, tiny_config
+
+    model = make_tiny_model(tmp_path / "m")
+    cfg = tiny_config(model, tmp_path / "run", algorithm="luffy", steps=2, overrides={"rollout.n": 3})
+    finals = train(cfg, base=None)
+    assert finals and all(Path(f).exists() for f in finals)
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss/pg_off" in r]
+    assert len(rows) == 2
+    for r in rows:
+        assert r["train/rows"] == 4 * (3 + 1) and r["train/offline_data_ratio"] == 0.25
+        # the demonstrations are correct; a random model's rollouts are not: Â_off = 1 − mean > 0
+        assert r["reward/off_policy_mean"] == 1.0 and 0.0 < r["luffy/adv_off"] <= 0.75
+        assert r["loss/pg_off"] < 0 and 0.0 < r["luffy/p_off"] < 1.0
+        assert r["loss/total"] == pytest.approx(r["loss/pg_on"] + r["loss/pg_off"] + r["loss/entropy"], abs=1e-6)
+        assert all(math.isfinite(r[k]) for k in ("loss/pg_on", "train/grad_norm"))
