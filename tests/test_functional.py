@@ -457,3 +457,18 @@ def test_soft_cross_entropy_with_large_beta_is_the_label_nll():
     q = F.gibbs_target(ref, labels, beta=1e3)  # e^1000 swamps the reference: one-hot
     nll = -F.logprobs_from_logits(logits, labels)
     assert torch.allclose(F.soft_cross_entropy(logits, q), nll, atol=1e-5)
+
+
+def test_truncated_is_weight_caps_ratio_and_ignores_unsampled_tokens():
+    # π_old / π_sampling = 0.5/0.25 = 2 (capped to 1.5), 0.2/0.4 = 0.5 (kept); padding → 1.
+    old = torch.log(torch.tensor([[0.5, 0.2, 0.9]]))
+    samp = torch.log(torch.tensor([[0.25, 0.4, 0.1]]))
+    mask = torch.tensor([[True, True, False]])
+    w = F.truncated_is_weight(old, samp, mask, cap=1.5)
+    torch.testing.assert_close(w, torch.tensor([[1.5, 0.5, 1.0]]))
+    assert not w.requires_grad
+    # A token the engine found nearly impossible: capped in log space, no overflow.
+    huge = F.truncated_is_weight(torch.zeros(1, 1), torch.full((1, 1), -1e4), torch.ones(1, 1, dtype=torch.bool), cap=2.0)
+    assert float(huge) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="cap must be > 0"):
+        F.truncated_is_weight(old, samp, mask, cap=0.0)

@@ -65,6 +65,10 @@ class RolloutConfig:
     top_p: float = help_field(1.0, "Nucleus sampling mass.")
     max_new_tokens: int = help_field(1024, "Response length cap (the papers use 8192).")
     batch_size: int = help_field(64, "Sequences generated per generate() call (HF engine).")
+    is_cap: Optional[float] = help_field(None, "Truncated importance sampling (any algorithm): weight each sampled token's policy-gradient term by min(π_old/π_sampling, is_cap), detached, correcting the probability mismatch between the rollout engine (vLLM kernels) and the trainer. None disables; 2.0 is the usual cap (Yao et al. 2025, verl's TIS).")
+    tensor_parallel_size: int = help_field(1, "vllm: GPUs one vLLM engine spans (tensor parallel); must divide the number of processes.")
+    gpu_memory_utilization: float = help_field(0.5, "vllm: fraction of each GPU vLLM may take (weights + KV cache); the trainer shares the GPU.")
+    sleep_level: int = help_field(1, "vllm: while the trainer steps, 0 keeps vLLM resident, 1 offloads its weights to CPU and frees the KV cache, 2 also discards the weights (they are pushed again after every step).")
 
 
 @dataclass
@@ -93,7 +97,11 @@ class TrainerConfig:
     skip_grad_norm_above: Optional[float] = help_field(None, "Skip (and count) a step whose pre-clip grad norm is non-finite or above this (HPT: 80).")
     seed: int = help_field(0, "Seeds python, numpy, torch and the data order.")
     device: str = help_field("auto", "auto | cpu | cuda.")
-    zero_stage: int = help_field(2, "DeepSpeed ZeRO stage (deepspeed backend).")
+    zero_stage: int = help_field(2, "DeepSpeed ZeRO stage 1 | 2 | 3 (deepspeed backend); 3 also partitions the reference model.")
+    deepspeed_config: Optional[str] = help_field(None, "deepspeed: a DeepSpeed JSON whose sections (zero_optimization, bf16, ...) replace the ones built from these fields; no optimizer/scheduler sections (lr and schedule come from this section).")
+    bf16: bool = help_field(True, "deepspeed: bf16 weights and gradients with fp32 master weights (GPU); CPU runs train in fp32.")
+    offload_optimizer: bool = help_field(False, "deepspeed: keep optimizer states (and the step) on CPU (ZeRO-Offload, DeepSpeed's CPU Adam).")
+    offload_params: bool = help_field(False, "deepspeed: keep parameters on CPU between uses (ZeRO-3 only).")
 
 
 @dataclass
@@ -105,6 +113,7 @@ class EvalConfig:
     max_new_tokens: Optional[int] = help_field(None, "Eval response cap; None uses rollout.max_new_tokens.")
     max_prompts: Optional[int] = help_field(None, "Evaluate on at most this many held-out prompts.")
     enabled: bool = help_field(True, "Run evaluation when data.eval is set.")
+    benchmarks: list = help_field([], "Benchmarks (names in configs/benchmarks/ or YAML paths) scored with data.eval, each with its own n/k/temperature; logs eval/<name>/pass@k, avg@k, maj@k. Caps: max_new_tokens, max_prompts.")
 
 
 @dataclass
@@ -243,6 +252,18 @@ def _check_core_values(c: RunConfig) -> list[str]:
         p.append(f"trainer.prompts_per_minibatch ({mb}) must divide trainer.prompts_per_step ({c.trainer.prompts_per_step}).")
     if c.trainer.schedule not in ("constant", "cosine"):
         p.append(f"trainer.schedule: '{c.trainer.schedule}' is not constant | cosine.{_suggest(c.trainer.schedule, ['constant', 'cosine'])}")
+    if c.trainer.zero_stage not in (1, 2, 3):
+        p.append(f"trainer.zero_stage: must be 1, 2 or 3, got {c.trainer.zero_stage}.")
+    if c.trainer.offload_params and c.trainer.zero_stage != 3:
+        p.append("trainer.offload_params: needs trainer.zero_stage=3.")
+    if c.rollout.is_cap is not None and c.rollout.is_cap <= 0:
+        p.append(f"rollout.is_cap: must be > 0 (or null to disable), got {c.rollout.is_cap}.")
+    if c.rollout.tensor_parallel_size < 1:
+        p.append(f"rollout.tensor_parallel_size: must be >= 1, got {c.rollout.tensor_parallel_size}.")
+    if not 0 < c.rollout.gpu_memory_utilization <= 1:
+        p.append(f"rollout.gpu_memory_utilization: must be in (0, 1], got {c.rollout.gpu_memory_utilization}.")
+    if c.rollout.sleep_level not in (0, 1, 2):
+        p.append(f"rollout.sleep_level: must be 0, 1 or 2, got {c.rollout.sleep_level}.")
     if c.resume not in ("auto", "never"):
         p.append(f"resume: '{c.resume}' is not auto | never.")
     if c.logging.wandb not in ("disabled", "offline", "online"):

@@ -42,6 +42,7 @@ def register_rollout_engines(register):
     from .rollout import hf_engine
 
     register("hf", hf_engine)
+    register("vllm", _lazy("posttrain.rollout.vllm_engine", "vllm_engine", "vllm"))
 
 
 @hookimpl(trylast=True)
@@ -49,6 +50,24 @@ def register_trainer_backends(register):
     from .train import torch_backend
 
     register("torch", torch_backend)
+    register("deepspeed", _lazy("posttrain.train.deepspeed_backend", "deepspeed_backend", "deepspeed"))
+
+
+def _lazy(module: str, attr: str, extra: str):
+    """A factory that imports its module on first call: importing posttrain never imports
+    deepspeed or vllm, and a missing extra is reported when (and only when) it is selected."""
+
+    def factory(*args, **kwargs):
+        import importlib
+
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as e:
+            raise ImportError(f"{extra} is not installed ({e}); pip install 'posttrain[{extra}]'") from e
+        return getattr(mod, attr)(*args, **kwargs)
+
+    factory.__name__ = attr
+    return factory
 
 
 @hookimpl(trylast=True)

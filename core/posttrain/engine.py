@@ -12,16 +12,16 @@ LUFFY.
 
 from __future__ import annotations
 
-import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import OmegaConf
 
 from . import checkpoint as ckpt
+from . import distributed as dist_utils
 from .batching import build_train_batch, micro_batch_rows, minibatches, totals_of, trim_padding
 from .config import RunConfig
 from .data import DataError, PromptSampler, load_examples, render_prompt
@@ -32,13 +32,7 @@ from .plugins import build_registry
 from .loss import micro_batch_loss
 from .rollout import SamplingParams, hf_engine
 from .train.forward import logprobs_in_micro_batches
-from .types import Example, PromptGroup, Trajectory, TrainBatch
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+from .types import Example, PromptGroup, Totals, Trajectory, TrainBatch
 
 
 class Engine:
@@ -49,8 +43,12 @@ class Engine:
         self.resolved = resolved
         self.hook = pm.hook
         self.needs = self.hook.requirements(config=algo)
-        self.device = _device(config.trainer.device)
-        seed_everything(config.trainer.seed)
+        # One process per GPU under torchrun / the deepspeed launcher: this rank's device and seed.
+        self.device = dist_utils.device_for_rank(config.trainer.device)
+        self.world = dist_utils.world_size()
+        _check_world(config, self.world)
+        dist_utils.init(self.device)
+        dist_utils.seed_everything(config.trainer.seed)
 
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -72,6 +70,8 @@ class Engine:
         self.updates_per_step = self._updates_per_rollout_step()
         backends = build_registry(pm, "register_trainer_backends")
         self.backend = _pick(backends, config.trainer.backend, "trainer.backend")(self.model, config.trainer, config.trainer.steps)
+        if self.reference is not None and hasattr(self.backend, "prepare_reference"):
+            self.reference = self.backend.prepare_reference(self.reference)  # ZeRO-3: partitioned too
         self.rollout = None
         if self.needs.rollouts:
             engines = build_registry(pm, "register_rollout_engines")
@@ -93,12 +93,18 @@ class Engine:
         if resume_from is not None:
             state, rng = ckpt.load_checkpoint_state(resume_from)
             self.backend.load_state_dict(state["backend"])
+            shards = self.run_dir / _SHARDS_DIR / resume_from.name
+            if hasattr(self.backend, "load_shards") and shards.is_dir():
+                self.backend.load_shards(shards)  # ZeRO: the optimizer moments each rank holds
             self.sampler.load_state_dict(state["sampler"])
             self.step = state["step"]
             ckpt.set_rng_state(rng)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.create(resolved), self.run_dir / "config.yaml")
-        self.logger = RunLogger(self.run_dir, config.logging, resolved, resume_step=self.step if resume_from else None)
+        self._saved_step = self.step if resume_from is not None else None
+        self.logger: Any = _NullLogger()
+        if dist_utils.is_main():  # one writer: rank 0 logs, saves the config, talks to wandb
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(OmegaConf.create(resolved), self.run_dir / "config.yaml")
+            self.logger = RunLogger(self.run_dir, config.logging, resolved, resume_step=self.step if resume_from else None)
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -120,10 +126,14 @@ class Engine:
                 self.hook.on_step_end(step=self.step, metrics=dict(metrics))
                 if cfg.save_every and _crossed(start, self.step, cfg.save_every) and self.step < cfg.trainer.steps:
                     self.save()
-            final = ckpt.latest_checkpoint(self.run_dir)
-            if final is None or ckpt.checkpoint_step(final) != self.step:
-                final = self.save()
+            # Decided from our own record, not by listing the directory: every rank must agree
+            # (the ZeRO-3 save is collective) and only rank 0 touches the checkpoints.
+            final = self.save() if self._saved_step != self.step else self._checkpoint_path(self.step)
+            dist_utils.barrier()
             return final
+        except BaseException:
+            dist_utils.mark_failed()
+            raise
         finally:
             self.hook.on_train_end(run_dir=str(self.run_dir))
             self.logger.close()
@@ -135,7 +145,8 @@ class Engine:
         t0 = time.perf_counter()
         m = Metrics()
         step = self.step
-        groups = [self.make_group(ex) for ex in self.sampler.next_batch()]
+        # Every rank draws the same prompts and keeps every world-th one (distributed.py explains why).
+        groups = [self.make_group(ex) for ex in self.sampler.next_batch()[dist_utils.rank()::self.world]]
 
         if self.needs.rollouts:
             r = self.cfg.rollout
@@ -153,34 +164,54 @@ class Engine:
             m.log(f"route/{kind}", sum(r.kind == kind for r in routes) / len(routes))
 
         batch = build_train_batch(groups, routes, self.tokenizer.pad_token_id)
-        if batch is None:  # every prompt dropped (e.g. DYPO on an all-easy batch): no gradient, step counted
+        if dist_utils.max_int(int(batch is not None)) == 0:  # every prompt dropped (e.g. DYPO on an all-easy batch), on every rank
             m.log("train/empty_batch", 1.0)
             self.step += self.updates_per_step
-            return {**m.summary(), "time/step_s": time.perf_counter() - t0}
-        m.log("train/rows", len(batch))
-        m.log("train/offline_data_ratio", float(batch.off_policy.float().mean()))
-        batch.advantages = self.hook.compute_advantage(batch=batch, config=self.algo, step=step, metrics=m)
+            return dist_utils.reduce_metrics({**m.summary(), "time/step_s": time.perf_counter() - t0})
+        if batch is not None:
+            m.log("train/rows", len(batch))
+            m.log("train/offline_data_ratio", float(batch.off_policy.float().mean()))
+            batch.advantages = self.hook.compute_advantage(batch=batch, config=self.algo, step=step, metrics=m)
         batch = self._fill_logprobs(batch)
 
         t_train, n_tokens = time.perf_counter(), 0
+        per_rank = None if self.cfg.trainer.prompts_per_minibatch is None else self.cfg.trainer.prompts_per_minibatch // self.world
+        mbs = minibatches(batch, per_rank) if batch is not None else []
+        n_updates = dist_utils.max_int(len(mbs))  # every rank takes part in every optimizer step
         for _ in range(self.cfg.trainer.ppo_epochs):
-            for mb in minibatches(batch, self.cfg.trainer.prompts_per_minibatch):
-                n_tokens += int(mb.attention_mask.sum())
+            for k in range(n_updates):
+                mb = mbs[k] if k < len(mbs) else None
+                n_tokens += int(mb.attention_mask.sum()) if mb is not None else 0
                 self.update(mb, m)
                 self.step += 1
         m.log("time/train_s", time.perf_counter() - t_train)
+        m.log("train/tokens", n_tokens, reduce="sum")  # prompt + response tokens trained on (all epochs)
         m.log("perf/train_tokens_per_s", n_tokens / max(1e-9, time.perf_counter() - t_train))
         if self.rollout is not None:
+            t_sync = time.perf_counter()
             self.rollout.sync_weights(self.backend.model)
-        return {**m.summary(), "time/step_s": time.perf_counter() - t0}
+            m.log("time/sync_s", time.perf_counter() - t_sync)
+        if self.device.type == "cuda":
+            m.log("mem/peak_gib", torch.cuda.max_memory_allocated(self.device) / 2**30, reduce="max")
+        return dist_utils.reduce_metrics({**m.summary(), "time/step_s": time.perf_counter() - t0})
 
-    def update(self, mb: TrainBatch, m: Metrics) -> None:
-        """One optimizer step on a mini-batch, accumulated over micro-batches."""
-        rows = micro_batch_rows(mb, self.cfg.trainer.micro_batch_tokens, self.needs.whole_groups)
-        totals = totals_of(mb, self.max_len, len(rows))
+    def update(self, mb: TrainBatch | None, m: Metrics) -> None:
+        """One optimizer step on a mini-batch, accumulated over micro-batches.
+
+        With several ranks, ``mb`` is this rank's part of the mini-batch (None: it has no rows
+        this time). Totals are summed over ranks, so each rank's terms are its share of the
+        mini-batch loss; a rank with fewer micro-batches runs zero-loss passes, because ZeRO
+        communicates in every forward/backward and the ranks must stay in step.
+        """
+        rows = micro_batch_rows(mb, self.cfg.trainer.micro_batch_tokens, self.needs.whole_groups) if mb is not None else []
+        n_micro = dist_utils.max_int(len(rows))
+        totals = dist_utils.sum_dataclass(totals_of(mb, self.max_len, len(rows)) if mb is not None else Totals())
         losses: dict[str, float] = {}
-        for r in progress(rows, desc="train", enabled=self._bars):
-            micro = trim_padding(mb.select(r)).with_(totals=totals).to(self.device)
+        for i in progress(range(n_micro), desc="train", enabled=self._bars):
+            if i >= len(rows):
+                self.backend.backward(self._idle_loss(mb, rows, totals, m))
+                continue
+            micro = trim_padding(mb.select(rows[i])).with_(totals=totals).to(self.device)
             terms, stats = self.micro_loss(micro, m)
             loss = sum(t.value for t in terms)
             self.backend.backward(loss)
@@ -203,7 +234,7 @@ class Engine:
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             return micro_batch_loss(self.hook, self.algo, self.step, self.backend.model, micro, m, needs=self.needs,
                                     reference=self.reference, temperature=self.cfg.rollout.temperature,
-                                    chunk=self.cfg.trainer.logprob_chunk)
+                                    chunk=self.cfg.trainer.logprob_chunk, is_cap=self.cfg.rollout.is_cap)
 
     # --- pieces --------------------------------------------------------------------------------
 
@@ -249,15 +280,37 @@ class Engine:
         if off:
             m.log("reward/off_policy_mean", sum(off) / len(off))
 
-    def _fill_logprobs(self, batch: TrainBatch) -> TrainBatch:
+    def _fill_logprobs(self, batch: TrainBatch | None) -> TrainBatch | None:
         """π_old is needed when one rollout feeds several updates; π_ref when asked for."""
-        rows = micro_batch_rows(batch, self.cfg.trainer.micro_batch_tokens, self.needs.whole_groups)
+        rows = micro_batch_rows(batch, self.cfg.trainer.micro_batch_tokens, self.needs.whole_groups) if batch is not None else []
+        # Under ZeRO-3 every forward is collective: a rank with fewer micro-batches repeats its first.
+        n = dist_utils.max_int(len(rows))
         T, chunk = self.cfg.rollout.temperature, self.cfg.trainer.logprob_chunk
-        if self.updates_per_step > 1:
-            batch.old_logprobs = logprobs_in_micro_batches(self.backend.model, batch, rows, temperature=T, chunk=chunk)
-        if self.needs.reference:
-            batch.ref_logprobs = logprobs_in_micro_batches(self.reference, batch, rows, temperature=T, chunk=chunk)
+        for wanted, model, field in ((self.updates_per_step > 1, self.backend.model, "old_logprobs"),
+                                     (self.needs.reference, self.reference, "ref_logprobs")):
+            if not wanted:
+                continue
+            if batch is None:
+                for _ in range(n):
+                    self._idle_forward(model)
+                continue
+            padded = rows + [rows[0]] * (n - len(rows))  # a repeated row writes the same values again
+            setattr(batch, field, logprobs_in_micro_batches(model, batch, padded, temperature=T, chunk=chunk))
         return batch
+
+    def _idle_forward(self, model) -> torch.Tensor:
+        """A one-token forward, for a rank that has no rows while the others compute (ZeRO-3 gathers
+        parameters in every forward, so each rank must run as many as the others)."""
+        ids = torch.full((1, 1), self.tokenizer.pad_token_id, dtype=torch.long, device=self.device)
+        return model(input_ids=ids, use_cache=False).logits
+
+    def _idle_loss(self, mb: TrainBatch | None, rows: list, totals: Any, m: Metrics) -> torch.Tensor:
+        """A zero loss through the whole model: a forward and backward that add no gradient."""
+        if mb is None or not rows:
+            return self._idle_forward(self.backend.model).sum() * 0.0
+        micro = trim_padding(mb.select(rows[0])).with_(totals=totals).to(self.device)
+        terms, _ = self.micro_loss(micro, Metrics())  # its metrics are not this step's
+        return sum(t.value for t in terms) * 0.0
 
     def _updates_per_rollout_step(self) -> int:
         t = self.cfg.trainer
@@ -265,25 +318,52 @@ class Engine:
         return per * t.ppo_epochs
 
     def evaluate(self) -> dict[str, float]:
-        """Held-out accuracy, with its own RNG so evaluating never changes training."""
+        """Held-out accuracy and ``eval.benchmarks``, with its own RNG so evaluating never changes training."""
         e = self.cfg.eval
         examples = self.eval_examples[: e.max_prompts] if e.max_prompts else self.eval_examples
-        params = SamplingParams(n=e.n, temperature=e.temperature, top_p=e.top_p,
-                                max_new_tokens=e.max_new_tokens or self.cfg.rollout.max_new_tokens)
+        max_new = e.max_new_tokens or self.cfg.rollout.max_new_tokens
+        params = SamplingParams(n=e.n, temperature=e.temperature, top_p=e.top_p, max_new_tokens=max_new)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.trainer.seed + 1_000_003)
             generator = self.rollout or hf_engine(self.backend.model, self.tokenizer, self.cfg.rollout)
-            return evaluate_accuracy(generator, examples, self._verifier, params,
-                                     prompt_fn=lambda ex: self.make_group(ex).prompt_ids, progress=self._bars)
+            out = evaluate_accuracy(generator, examples, self._verifier, params,
+                                    prompt_fn=lambda ex: self.make_group(ex).prompt_ids, progress=self._bars)
+            if e.benchmarks:
+                from .eval import Prompting, evaluate_benchmarks_in_training, load_benchmarks
+
+                if getattr(self, "_benchmarks", None) is None:  # loaded once, at the first evaluation
+                    self._benchmarks = load_benchmarks(list(e.benchmarks), {"max_new_tokens": max_new, "max_problems": e.max_prompts})
+                prompting = Prompting(self.tokenizer, self.cfg.data.template, self.cfg.data.system_prompt)
+                out.update(evaluate_benchmarks_in_training(
+                    generator, prompting, self._benchmarks, build_registry(self.pm, "register_verifiers"), self.cfg.verifier,
+                    seed=self.cfg.trainer.seed, progress=self._bars))
+            return out
 
     def save(self) -> Path:
-        state = {"step": self.step, "backend": self.backend.state_dict(), "sampler": self.sampler.state_dict()}
-        return ckpt.save_checkpoint(self.run_dir, self.step, model=self.backend.model, tokenizer=self.tokenizer,
-                                    trainer_state=state, keep_last=self.cfg.keep_checkpoints)
+        """Rank 0 writes the checkpoint; under ZeRO-3 every rank first helps gather the weights."""
+        consolidated = getattr(self.backend, "consolidated_model", None)
+        model = consolidated() if consolidated is not None else self.backend.model  # collective under ZeRO-3
+        path = self._checkpoint_path(self.step)
+        if hasattr(self.backend, "save_shards"):  # before COMPLETE is written: a complete step has its shards
+            self.backend.save_shards(self.run_dir / _SHARDS_DIR / path.name)
+            dist_utils.barrier()
+        if dist_utils.is_main():
+            state = {"step": self.step, "backend": self.backend.state_dict(), "sampler": self.sampler.state_dict()}
+            path = ckpt.save_checkpoint(self.run_dir, self.step, model=model, tokenizer=self.tokenizer,
+                                        trainer_state=state, keep_last=self.cfg.keep_checkpoints)
+            for d in (self.run_dir / _SHARDS_DIR).glob("step-*"):  # shards of pruned checkpoints go too
+                if not (path.parent / d.name).exists():
+                    shutil.rmtree(d, ignore_errors=True)
+        self._saved_step = self.step
+        dist_utils.barrier()  # nobody reads the checkpoint before it is complete
+        return path
+
+    def _checkpoint_path(self, step: int) -> Path:
+        return self.run_dir / ckpt.CHECKPOINTS_DIR / ckpt.step_dir_name(step)
 
     @property
     def _bars(self) -> bool:
-        return self.cfg.logging.progress
+        return self.cfg.logging.progress and dist_utils.is_main()
 
 
 def _rollout_metrics(groups: list[PromptGroup], seconds: float, m: Metrics) -> None:
@@ -295,6 +375,37 @@ def _rollout_metrics(groups: list[PromptGroup], seconds: float, m: Metrics) -> N
     m.log("perf/rollout_tokens_per_s", tokens / max(1e-9, seconds))
 
 
+_SHARDS_DIR = "zero_shards"  # run_dir/zero_shards/step-NNNNNN: per-rank optimizer state (deepspeed backend)
+
+
+class _NullLogger:
+    """What ranks other than 0 log to."""
+
+    def log(self, step: int, metrics: dict) -> None:
+        pass
+
+    def close(self, exit_code: int | None = None) -> None:
+        pass
+
+
+def _check_world(config: RunConfig, world: int) -> None:
+    """Several processes split each step's prompts evenly; only a distributed backend can run them."""
+    if world <= 1:
+        return
+    from .config import ConfigError
+
+    t = config.trainer
+    problems = []
+    if t.backend == "torch":
+        problems.append(f"trainer.backend: torch runs one process, but WORLD_SIZE={world}; use trainer.backend=deepspeed")
+    if t.prompts_per_step % world:
+        problems.append(f"trainer.prompts_per_step ({t.prompts_per_step}) must be a multiple of the {world} processes")
+    if t.prompts_per_minibatch is not None and t.prompts_per_minibatch % world:
+        problems.append(f"trainer.prompts_per_minibatch ({t.prompts_per_minibatch}) must be a multiple of the {world} processes")
+    if problems:
+        raise ConfigError(problems)
+
+
 def _crossed(before: int, after: int, every: int) -> bool:
     return after // every > before // every
 
@@ -304,8 +415,3 @@ def _pick(registry: dict, name: str, key: str):
         raise KeyError(f"{key}: '{name}' is not registered. Available: {', '.join(sorted(registry))}")
     return registry[name]
 
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)

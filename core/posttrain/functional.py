@@ -11,6 +11,7 @@ code, see ``shared/research/algorithms.md``.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -24,7 +25,7 @@ __all__ = [
     "entropy_from_logits", "logprobs_from_logits", "chunked_token_stats",
     "importance_ratio", "sequence_ratio", "ppo_clip_mask", "clipped_surrogate", "clip_fraction",
     "policy_shaping", "aggregate", "sft_nll", "kl_estimate", "sequence_logprob",
-    "gibbs_target", "soft_cross_entropy",
+    "gibbs_target", "soft_cross_entropy", "truncated_is_weight",
 ]
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "token-sum-norm")
@@ -467,3 +468,20 @@ def soft_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
     one-hot target it is the NLL of that token. Includes the constant H(target), as GIFT's code.
     """
     return -(target * torch.log_softmax(logits, dim=-1)).sum(-1)
+
+
+@torch.no_grad()
+def truncated_is_weight(old_logprobs: Tensor, sampling_logprobs: Tensor, mask: Tensor, cap: float) -> Tensor:
+    """Token-level truncated importance weight w = min(π_old / π_sampling, cap), [N, L], no gradient.
+
+    Corrects for the rollout engine sampling from a slightly different distribution than the
+    trainer computes (other kernels, bf16): the policy-gradient term of token t is weighted by
+    w_t (Yao et al. 2025, "truncated importance sampling"; verl's TIS). Positions outside
+    ``mask`` (padding, demonstrations nobody sampled) get 1. The cap is applied in log space, so
+    a token the engine thought nearly impossible cannot overflow.
+    """
+    if cap <= 0:
+        raise ValueError(f"truncated_is_weight: cap must be > 0, got {cap}")
+    log_w = torch.clamp(old_logprobs.float() - sampling_logprobs.float(), max=math.log(cap))
+    w = torch.exp(log_w)
+    return torch.where(mask.bool(), w, torch.ones_like(w))

@@ -19,8 +19,15 @@ from .types import LossTerm, Needs, TrainBatch
 
 def micro_batch_loss(hook: Any, algo: Any, step: int, model: Any, micro: TrainBatch, metrics: Metrics, *,
                      needs: Needs, reference: Any = None, temperature: float = 1.0,
-                     chunk: int = 256) -> tuple[list[LossTerm], dict[str, float]]:
-    """Return (loss terms, diagnostics) for a micro-batch already on the model's device."""
+                     chunk: int = 256, is_cap: float | None = None) -> tuple[list[LossTerm], dict[str, float]]:
+    """Return (loss terms, diagnostics) for a micro-batch already on the model's device.
+
+    ``is_cap``: truncated importance sampling for the rollout/trainer mismatch. Every sampled
+    token's advantage is multiplied by w = min(π_old/π_sampling, is_cap) (detached) before any
+    hook sees it, so the correction applies to every algorithm, including plugins with their own
+    ``build_loss``. Policy-gradient terms are linear in A token by token and clip decisions only
+    read A's sign (w > 0), so this equals weighting the (clipped) PG term by w, as verl's TIS does.
+    """
     dist_fn = functools.partial(_distribution_loss, hook, algo, step, metrics) if needs.reference_vocab else None
     out = policy_outputs(model, micro, temperature=temperature, chunk=chunk, entropy=True,
                          distribution_loss=dist_fn, reference=reference)
@@ -28,6 +35,14 @@ def micro_batch_loss(hook: Any, algo: Any, step: int, model: Any, micro: TrainBa
         micro = micro.with_(old_logprobs=out.logprobs.detach())
     adv = micro.advantages
     adv = adv[:, None].expand_as(out.logprobs) if adv.dim() == 1 else adv  # [N, L]
+    is_stats = {}
+    if is_cap is not None and micro.sampling_logprobs is not None:
+        sampled = micro.response_mask & ~micro.off_policy[:, None]  # demonstrations were never sampled
+        w = F.truncated_is_weight(micro.old_logprobs, micro.sampling_logprobs, sampled, is_cap)  # [N, L]
+        adv = adv * w
+        if sampled.any():
+            is_stats = {"train/is_weight": float(F.masked_mean(w, sampled)),
+                        "train/is_truncated": float(F.masked_mean((w >= is_cap).float(), sampled))}
     denom = hook.reference_denominator(batch=micro, logprobs=out.logprobs, config=algo, step=step)
     ratio = F.importance_ratio(out.logprobs, denom)
     ratio = hook.shape_ratio(batch=micro, ratio=ratio, config=algo, step=step)
@@ -36,7 +51,7 @@ def micro_batch_loss(hook: Any, algo: Any, step: int, model: Any, micro: TrainBa
     terms = hook.build_loss(batch=micro, outputs=out, advantages=adv, ratio=ratio, mask=mask, config=algo, step=step,
                             metrics=metrics)
 
-    stats = {"train/entropy": float(F.masked_mean(out.entropy.detach(), micro.response_mask))}
+    stats = {"train/entropy": float(F.masked_mean(out.entropy.detach(), micro.response_mask)), **is_stats}
     on_policy = micro.response_mask & ~micro.off_policy[:, None] & (micro.rl_weight > 0)[:, None]
     if on_policy.any():
         stats["train/clip_frac"] = F.clip_fraction(mask, on_policy)

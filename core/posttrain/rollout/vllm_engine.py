@@ -1,0 +1,141 @@
+"""vLLM rollout engine (``rollout.engine: vllm``, extra ``posttrain[vllm]``, GPU only).
+
+Colocated: every training process hosts its own vLLM engine on its own GPU (a group of
+``rollout.tensor_parallel_size`` processes shares one tensor-parallel engine), inside the same
+process and the same ``torch.distributed`` world (vLLM's ``external_launcher`` backend), so:
+
+* while the trainer steps, vLLM sleeps (``rollout.sleep_level`` 1: weights to CPU, KV cache
+  freed; 2: weights discarded too) and gives the GPU memory back;
+* after every optimizer step the engine pushes the policy's weights into vLLM's model in memory
+  (``model.load_weights``, parameter by parameter, gathered one at a time under ZeRO-3), never
+  through a checkpoint on disk;
+* log-probs are vLLM's *processed* log-probs of the sampled tokens: log softmax(z / T), the
+  distribution it actually sampled from (with top-p < 1, renormalised over the nucleus).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+
+from .. import distributed as D
+from ..types import Trajectory
+from . import SamplingParams
+
+
+class VLLMRolloutEngine:
+    def __init__(self, model: Any, tokenizer: Any, config: Any):
+        # The engine core must run in this process, or load_weights could not reach its model.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM
+
+        self.tokenizer = tokenizer
+        self.eos_id = tokenizer.eos_token_id
+        self.sleep_level = int(config.sleep_level)
+        self.tp = int(config.tensor_parallel_size)
+        world, rank = D.world_size(), D.rank()
+        if world % self.tp:
+            raise ValueError(f"rollout.tensor_parallel_size ({self.tp}) must divide the number of processes ({world})")
+        self.tp_group = None
+        if self.tp > 1:
+            # Consecutive ranks form one tensor-parallel engine: [0, 1], [2, 3], ...
+            self.tp_group, _ = torch.distributed.new_subgroups_by_enumeration(
+                [list(range(i, i + self.tp)) for i in range(0, world, self.tp)])
+        # torch's seed is trainer.seed + rank (distributed.seed_everything); ranks of one TP group
+        # must sample identically, so they share the group's seed.
+        seed = (torch.initial_seed() - rank + rank // self.tp) % 2**31  # numpy seeds must fit 32 bits
+        kwargs: dict[str, Any] = dict(
+            model=model.name_or_path,
+            tokenizer=model.name_or_path,
+            dtype=str(model.dtype).removeprefix("torch."),
+            tensor_parallel_size=self.tp,
+            gpu_memory_utilization=float(config.gpu_memory_utilization),
+            enable_sleep_mode=self.sleep_level > 0,
+            seed=int(seed),
+            logprobs_mode="processed_logprobs",  # after temperature (and top-p): what was sampled from
+        )
+        if world > 1:
+            kwargs["distributed_executor_backend"] = "external_launcher"  # join the trainer's process group
+        self.llm = LLM(**kwargs)
+        self.model = model  # the trainer's module: the weights to push when vLLM's are stale
+        self._asleep: set[str] = set()  # what sleep() released and wake_up() has not restored
+        self._stale = False  # weights discarded (sleep level 2) and not pushed since
+
+    # --- sleep / wake -------------------------------------------------------------------------
+
+    def _sleep(self) -> None:
+        if self.sleep_level <= 0:
+            return
+        self.llm.sleep(level=self.sleep_level)
+        self._asleep = {"weights", "kv_cache"}
+        self._stale = self.sleep_level >= 2
+
+    def _wake(self, tag: str) -> None:
+        if tag in self._asleep:
+            torch.cuda.empty_cache()  # the trainer's cached blocks would otherwise count against vLLM
+            self.llm.wake_up(tags=[tag])
+            self._asleep.discard(tag)
+
+    # --- the RolloutEngine protocol ---------------------------------------------------------------
+
+    def sync_weights(self, model: Any) -> None:
+        """Push every parameter of ``model`` (the trainer's, possibly ZeRO-3 partitioned) into vLLM."""
+        self.model = model
+        self._wake("weights")
+        target = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
+        partitioned = any(hasattr(p, "ds_id") for p in model.parameters())  # ZeRO-3 marks its parameters
+        gather = _zero3_gather if partitioned else (lambda p: nullcontext())
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                with gather(p):
+                    target.load_weights([(name, p.data)])
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        self._stale = False
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, *, progress: bool = False) -> list[list[Trajectory]]:
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if self._stale:
+            self.sync_weights(self.model)
+        self._wake("weights")
+        self._wake("kv_cache")
+        greedy = params.temperature <= 0
+        sp = VSamplingParams(n=params.n, temperature=0.0 if greedy else params.temperature,
+                             top_p=1.0 if greedy else params.top_p,  # no top-k: as the HF engine
+                             max_tokens=params.max_new_tokens, logprobs=0)  # 0: the sampled token's only
+        mine = len(prompts)
+        if self.tp_group is not None:  # every rank of a TP engine must submit the same requests
+            parts: list[Any] = [None] * self.tp
+            torch.distributed.all_gather_object(parts, prompts, group=self.tp_group)
+            offset = sum(len(p) for p in parts[: torch.distributed.get_rank(group=self.tp_group)])
+            prompts = [p for part in parts for p in part]
+        else:
+            offset = 0
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sp, use_tqdm=progress)
+        self._sleep()
+        return [[self._trajectory(o) for o in req.outputs] for req in outputs[offset:offset + mine]]
+
+    def _trajectory(self, out: Any) -> Trajectory:
+        toks = list(out.token_ids)  # EOS included when the response ended with it
+        lps = [float(step[t].logprob) for step, t in zip(out.logprobs, toks)]
+        return Trajectory(response_ids=toks, text=self.tokenizer.decode(toks, skip_special_tokens=True),
+                          sampling_logprobs=lps, finished=out.finish_reason == "stop")
+
+
+def _zero3_gather(p):
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([p], modifier_rank=None)
+
+
+def vllm_engine(model: Any, tokenizer: Any, config: Any) -> VLLMRolloutEngine:
+    try:
+        import vllm  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"rollout.engine=vllm needs vLLM and a GPU ({e}): install it in its own environment, "
+                          "see README 'Scaling up'") from e
+    return VLLMRolloutEngine(model, tokenizer, config)

@@ -1,0 +1,176 @@
+"""The deepspeed backend on CPU: 2 processes under torchrun (gloo), ZeRO-2 and ZeRO-3, against the
+single-process torch backend on the same data.
+
+HPT on a random tiny model routes every prompt to SFT on its demonstration (no rollout is ever
+correct), so the rows a step trains on depend only on the prompts drawn, not on what each rank
+sampled: the 1-process and 2-process losses must agree to float tolerance, step 2 included (it
+runs on the weights step 1 produced), and so must the saved weights.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+pytest.importorskip("deepspeed")
+
+from posttrain.logging import read_metrics  # noqa: E402
+from posttrain.run import train  # noqa: E402
+from posttrain.testing import make_tiny_model, tiny_config  # noqa: E402
+
+STEPS = 2
+# Per step: 4 prompts, one SFT row each; ~40 tokens per row, so each micro-batch holds one row
+# (4 micro-batches in one process, 2 per rank in two): gradient accumulation is exercised.
+OVERRIDES = {"rollout.n": 2, "rollout.max_new_tokens": 8, "verifier.name": "exact",
+             "trainer.micro_batch_tokens": 48, "trainer.lr": 1e-2}
+COMPARED = ("loss/total", "loss/sft", "loss/entropy", "train/grad_norm", "train/rows", "route/sft")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "m")
+
+
+@pytest.fixture(scope="module")
+def single(model_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("single") / "run"
+    final, = train(tiny_config(model_dir, run, algorithm="hpt", steps=STEPS, overrides=OVERRIDES), base=None)
+    return read_metrics(run / "metrics.jsonl"), final
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(cfg: dict, tmp_path, *overrides: str, timeout: float = 150) -> subprocess.CompletedProcess:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", "-m", "posttrain.cli", "train", str(path), *overrides]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    t = time.perf_counter()
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    print(f"torchrun {' '.join(overrides)}: {time.perf_counter() - t:.1f} s")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    return res
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_process_zero_matches_single_process(stage, model_dir, single, tmp_path):
+    ref_rows, ref_final = single
+    cfg = tiny_config(model_dir, tmp_path / "run", algorithm="hpt", steps=STEPS, overrides=OVERRIDES)
+    _torchrun(cfg, tmp_path, "trainer.backend=deepspeed", f"trainer.zero_stage={stage}")
+
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")  # written by rank 0 only: one row per step
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    for ref, got in zip(ref_rows, rows):
+        assert ref["route/sft"] == 1.0 and "loss/pg" not in ref  # the premise: SFT rows only
+        for k in COMPARED:
+            assert got[k] == pytest.approx(ref[k], rel=1e-4, abs=1e-6), (ref["step"], k, ref[k], got[k])
+    print(f"ZeRO-{stage} losses", [(r["loss/total"], g["loss/total"]) for r, g in zip(ref_rows, rows)])
+
+    # The checkpoint is consolidated HF weights (ZeRO-3: gathered from the partitions) and equals
+    # the single-process result.
+    final = tmp_path / "run" / "checkpoints" / f"step-{STEPS:06d}"
+    got = AutoModelForCausalLM.from_pretrained(final).state_dict()
+    ref = AutoModelForCausalLM.from_pretrained(ref_final).state_dict()
+    start = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+    assert got.keys() == ref.keys()
+    worst = {k: float((got[k] - ref[k]).abs().max()) for k in ref}
+    # Adam divides by sqrt(v): float noise in near-zero gradient entries moves a weight by ~1e-5 (the
+    # step itself moves weights by lr = 1e-2), so 1e-4 is 1% of one update.
+    assert max(worst.values()) < 1e-4, sorted(worst.items(), key=lambda kv: -kv[1])[:4]
+    assert any(not torch.equal(got[k], start[k]) for k in ref)  # it trained
+    state = torch.load(final / "trainer_state.pt", weights_only=False)
+    assert state["step"] == STEPS and state["backend"]["scheduler"]["last_epoch"] == STEPS
+
+
+def test_uneven_split_is_a_config_error(model_dir, tmp_path):
+    cfg = tiny_config(model_dir, tmp_path / "run", algorithm="hpt", steps=1, overrides=OVERRIDES)
+    cfg["trainer"]["prompts_per_step"] = 3
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}  # what a launcher would set
+    res = subprocess.run([sys.executable, "-m", "posttrain.cli", "train", str(path), "trainer.backend=deepspeed"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2
+    assert "trainer.prompts_per_step (3) must be a multiple of the 2 processes" in res.stderr
+
+
+def test_one_process_zero1_matches_and_skip_rule(model_dir, single, tmp_path):
+    """No launcher: the backend makes a group of one. Same losses as torch; then the skip rule."""
+    ref_rows, _ = single
+    over = {**OVERRIDES, "trainer.backend": "deepspeed", "trainer.zero_stage": 1, "save_every": 1}
+    full, = train(tiny_config(model_dir, tmp_path / "z1", algorithm="hpt", steps=STEPS, overrides=over), base=None)
+    full_rows = read_metrics(tmp_path / "z1" / "metrics.jsonl")
+    for ref, got in zip(ref_rows, full_rows):
+        for k in COMPARED:
+            assert got[k] == pytest.approx(ref[k], rel=1e-4, abs=1e-6), (ref["step"], k)
+
+    # Resume: run 1 step, then ask for 2. The optimizer shards restore Adam's moments, so step 2
+    # is the uninterrupted run's (fresh moments would make Adam's step 2 a first step: other weights).
+    assert (tmp_path / "z1" / "zero_shards" / "step-000001").is_dir()
+    train(tiny_config(model_dir, tmp_path / "res", algorithm="hpt", steps=1, overrides=over), base=None)
+    resumed, = train(tiny_config(model_dir, tmp_path / "res", algorithm="hpt", steps=STEPS, overrides=over), base=None)
+    last = read_metrics(tmp_path / "res" / "metrics.jsonl")[-1]
+    assert last["step"] == 2 and last["loss/total"] == pytest.approx(full_rows[-1]["loss/total"], rel=1e-6)
+    a, b = (AutoModelForCausalLM.from_pretrained(p).state_dict() for p in (full, resumed))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+
+    # Every step's pre-clip norm is above 1e-9: both are skipped (counted), the weights never
+    # move, and the LR schedule still advances (cosine from 1e-2 to 0 over 2 steps).
+    over.update({"trainer.skip_grad_norm_above": 1e-9, "trainer.schedule": "cosine"})
+    final, = train(tiny_config(model_dir, tmp_path / "skip", algorithm="hpt", steps=STEPS, overrides=over), base=None)
+    rows = read_metrics(tmp_path / "skip" / "metrics.jsonl")
+    assert [r["train/skipped_steps"] for r in rows] == [1.0, 1.0]
+    got, start = (AutoModelForCausalLM.from_pretrained(p).state_dict() for p in (final, model_dir))
+    assert all(torch.equal(got[k], start[k]) for k in start)
+    assert [r["train/lr"] for r in rows] == pytest.approx([5e-3, 0.0], abs=1e-12)
+
+
+def test_launcher_local_rank_argument_is_stripped(monkeypatch):
+    from posttrain.distributed import strip_launcher_args
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert strip_launcher_args(["--local_rank=3", "train", "c.yaml", "trainer.lr=1"]) == ["train", "c.yaml", "trainer.lr=1"]
+    assert os.environ["LOCAL_RANK"] == "3"
+    assert strip_launcher_args(["train", "--local_rank", "5", "c.yaml"]) == ["train", "c.yaml"]
+    assert os.environ["LOCAL_RANK"] == "5"
+
+
+def test_ds_config_from_fields_and_from_a_user_json(tmp_path):
+    from posttrain.config import ConfigError, TrainerConfig
+    from posttrain.train.deepspeed_backend import build_ds_config
+
+    t = TrainerConfig(zero_stage=3, offload_optimizer=True, offload_params=True, grad_clip=0.5)
+    c = build_ds_config(t, on_gpu=True)
+    assert c["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": True},
+                                      "offload_param": {"device": "cpu", "pin_memory": True}}
+    assert c["bf16"] == {"enabled": True} and c["gradient_clipping"] == 0.5
+    assert c["managed_gradient_accumulation"] is False and c["gradient_accumulation_steps"] == 1
+    assert build_ds_config(TrainerConfig(), on_gpu=False)["bf16"] == {"enabled": False}  # CPU: fp32
+
+    user = tmp_path / "ds.json"  # the user's sections win, batch bookkeeping stays ours
+    user.write_text(json.dumps({"zero_optimization": {"stage": 1}, "gradient_accumulation_steps": 8,
+                                "bf16": {"enabled": False}}))
+    c = build_ds_config(TrainerConfig(deepspeed_config=str(user)), on_gpu=True)
+    assert c["zero_optimization"] == {"stage": 1} and c["bf16"] == {"enabled": False}
+    assert c["gradient_accumulation_steps"] == 1
+    user.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
+    with pytest.raises(ConfigError, match=r"ds.json: remove optimizer; posttrain builds AdamW"):
+        build_ds_config(TrainerConfig(deepspeed_config=str(user)), on_gpu=True)
+    user.write_text("{not json")
+    with pytest.raises(ConfigError, match=r"ds.json: not valid JSON"):
+        build_ds_config(TrainerConfig(deepspeed_config=str(user)), on_gpu=True)
+    with pytest.raises(ConfigError, match=r"nope.json: no such file"):
+        build_ds_config(TrainerConfig(deepspeed_config=str(tmp_path / "nope.json")), on_gpu=True)
