@@ -1,4 +1,6 @@
-"""Held-out evaluation: sample, verify, report accuracy."""
+"""Held-out evaluation during training: sample, verify, report accuracy on ``data.eval``.
+
+Benchmarks with pass@k / avg@k / maj@k and reports live in ``posttrain.eval``."""
 
 from __future__ import annotations
 
