@@ -1,10 +1,26 @@
-"""posttrain.testing: the tiny model factory and the conformance check plugins run."""
+"""posttrain.testing: the tiny model factory and the conformance suite plugins run in their CI.
+
+The suite is tested the way a plugin author meets it: deliberately broken inline plugins (a
+wrong shape, a NaN, a non-LossTerm, an index out of range, a loss that depends on how the
+batch is split ...) must fail with a message naming the hook, the rule and the tiny case.
+"""
+
+import dataclasses
+import math
 
 import pytest
 import torch
 
-from posttrain import LossTerm, hookimpl
-from posttrain.testing import PluginContractError, check_algorithm_plugin, make_tiny_model, tiny_groups
+from posttrain import GRPOConfig, LossTerm, Needs, Route, help_field, hookimpl
+from posttrain.metrics import Metrics
+from posttrain.plugins import make_plugin_manager
+from posttrain.testing import (ContractChecker, PluginContractError, check_algorithm_plugin, check_two_step_run,
+                               make_tiny_model, tiny_group, tiny_groups)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "m")
 
 
 def test_tiny_model_loads_through_from_pretrained(tmp_path):
@@ -22,32 +38,353 @@ def test_tiny_model_loads_through_from_pretrained(tmp_path):
 
 def test_tiny_groups_cover_the_cases():
     g = tiny_groups()
+    assert list(g) == ["all_wrong", "mixed", "all_correct", "two_teachers"]
     assert [x.num_correct() for x in g.values()] == [0, 2, 4, 1]
-    assert len(g["two_teachers"].demonstrations) == 2
+    assert [len(x.demonstrations) for x in g.values()] == [1, 1, 1, 2]
+    bare = tiny_groups(demonstrations=False)
+    assert [len(x.demonstrations) for x in bare.values()] == [0, 0, 0, 0]
+    assert all(not x.example.demonstrations for x in bare.values())
+    # the same rollouts, so a difference in behaviour comes from the demonstrations alone
+    assert [[m.response_ids for m in x.members] for x in bare.values()] == [[m.response_ids for m in x.members] for x in g.values()]
 
 
-@pytest.mark.parametrize("name", ["grpo", "sft"])
-def test_builtins_pass_the_conformance_check(name):
-    report = check_algorithm_plugin(name)
-    assert report["loss"] == report["loss"]  # finite
-    expected = {"grpo": ["rl", "rl", "rl", "rl"], "sft": ["sft", "sft", "sft", "sft"]}[name]
-    assert report["routes"] == expected
+# --- the first-party behaviour passes -------------------------------------------------------------
 
 
-def test_conformance_check_names_the_broken_rule():
-    class PerMicroBatchMean:  # normalises by the micro-batch's own token count: not allowed
+def test_grpo_passes_every_case(model_dir):
+    report = check_algorithm_plugin("grpo", model_dir=model_dir)
+    assert report["routes"] == ["rl", "rl", "rl", "rl"]
+    assert report["rows"] == 16 and set(report["terms"]) == {"pg"} and math.isfinite(report["loss"])
+    assert report["needs"] == Needs()
+    cases = report["cases"]
+    assert set(cases) == {f"{c}{s}" for c in ("all cases", "all_wrong", "mixed", "all_correct", "two_teachers")
+                          for s in ("", ", no demonstrations")} - {"all cases"}
+    assert all(cases[k]["rows"] == 4 for k in cases if not k.startswith("all cases"))
+    # all-correct and all-wrong groups have advantage 0 everywhere, and the PG loss is exactly 0
+    assert cases["all_correct"]["terms"] == {"pg": 0.0} and cases["all_wrong"]["terms"] == {"pg": 0.0}
+    # two teachers: r = [0, 1, 0, 0] → Â = (r − 0.25) / 0.5 = [−0.5, 1.5, −0.5, −0.5] on rollouts of
+    # 3, 7, 6, 5 tokens; ratio 1 (π_old = π_θ), token-mean: −Σ Â·|y| / Σ|y| = −(−1.5 + 10.5 − 3 − 2.5) / 21
+    assert [len(m.response_ids) for m in tiny_groups()["two_teachers"].members] == [3, 7, 6, 5]
+    assert cases["two_teachers"]["terms"]["pg"] == pytest.approx(-3.5 / 21, rel=1e-5)
+
+
+def test_sft_drops_prompts_without_demonstrations(model_dir):
+    report = check_algorithm_plugin("sft", model_dir=model_dir)
+    assert report["routes"] == ["sft"] * 4
+    assert report["rows"] == 5  # 3 prompts × 1 demonstration + 2 teachers (demos: all)
+    bare = report["cases"]["all cases, no demonstrations"]
+    assert bare == {"routes": ["drop"] * 4, "rows": 0}  # offline with nothing to imitate: no rows, no error
+
+
+# --- broken plugins: the message names the hook, the rule and the case ----------------------------
+
+
+class RatioPerRow:
+    @hookimpl
+    def shape_ratio(self, ratio):
+        return ratio.mean(-1)  # [N]: a per-sequence ratio squeezed to one value per row
+
+
+class NaNTerm:
+    @hookimpl
+    def build_loss(self, outputs):
+        return [LossTerm("pg", outputs.logprobs.sum() * float("nan"))]
+
+
+class BareTensorLoss:
+    @hookimpl
+    def build_loss(self, batch, outputs):
+        return -(outputs.logprobs * batch.token_mask).sum() / batch.totals.tokens
+
+
+class FloatMask:
+    @hookimpl
+    def stabilization_mask(self, ratio):
+        return (ratio < 2).float()
+
+
+class DenominatorPerRow:
+    @hookimpl
+    def reference_denominator(self, batch):
+        return batch.old_logprobs.sum(-1)
+
+
+class SftWithoutDemo:  # routes all-wrong prompts to SFT without checking they have a demonstration
+    @hookimpl
+    def route_group(self, group):
+        if group.num_correct() == 0:
+            return Route(rl=0.0, sft=1.0, demos=(0,), members=())
+
+
+class NegativeWeight:
+    @hookimpl
+    def route_group(self, group):
+        return Route(rl=-1.0)
+
+
+class StdWithoutEps:  # (r − mean)/std: 0/0 on groups whose rewards are all equal
+    @hookimpl
+    def compute_advantage(self, batch):
+        adv = torch.zeros_like(batch.rewards)
+        for g in batch.group_index.unique():
+            rows = batch.group_index == g
+            r = batch.rewards[rows]
+            adv[rows] = (r - r.mean()) / r.std()
+        return adv
+
+
+class SftNormalisedAlways:  # divides by the SFT token count even when the batch has no SFT rows
+    @hookimpl
+    def route_group(self, group):
+        if group.num_correct() == 0 and group.demonstrations:
+            return Route(rl=0.0, sft=1.0, demos=(0,), members=())
+
+    @hookimpl
+    def build_loss(self, batch, outputs):
+        sft = batch.token_mask * (batch.sft_weight > 0)[:, None]
+        return [LossTerm("nll", -(outputs.logprobs * sft).sum() / batch.totals.sft_tokens)]
+
+
+class Raises:
+    @hookimpl
+    def route_group(self, group):
+        return {"a": 1}["b"]
+
+
+class ListNotGroup:
+    @hookimpl
+    def compose_group(self, group):
+        return [group]
+
+
+class NeedsAsDict:
+    @hookimpl
+    def requirements(self):
+        return {"rollouts": True}
+
+
+class BadAdvantageShape:
+    @hookimpl
+    def compute_advantage(self, batch):
+        return torch.zeros(3, 3, 3)
+
+
+class DuplicateTerms:
+    @hookimpl
+    def build_loss(self, batch, outputs):
+        half = -(outputs.logprobs * batch.token_mask).sum() / batch.totals.tokens / 2
+        return [LossTerm("nll", half), LossTerm("nll", half)]
+
+
+class DropAll:
+    @hookimpl
+    def route_group(self):
+        return Route(drop=True)
+
+
+class MembersOutOfRange:
+    @hookimpl
+    def route_group(self):
+        return Route(rl=1.0, members=(0, 7))
+
+
+class IntegerAdvantages:
+    @hookimpl
+    def compute_advantage(self, batch):
+        return (batch.rewards > 0.5).long()
+
+
+class NaNDenominator:
+    @hookimpl
+    def reference_denominator(self, batch):
+        return batch.old_logprobs * float("nan")
+
+
+class InfiniteShaping:
+    @hookimpl
+    def shape_ratio(self, ratio):
+        return ratio / 0.0
+
+
+class NoGradient:
+    @hookimpl
+    def build_loss(self, outputs):
+        return [LossTerm("zero", outputs.logprobs.sum() * 0.0)]
+
+
+class EmptyResponse:
+    @hookimpl
+    def compose_group(self, group):
+        from posttrain import Trajectory
+
+        group.members.append(Trajectory(response_ids=[], off_policy=True))
+        return group
+
+
+class TextMetric:
+    @hookimpl
+    def build_loss(self, batch, outputs):
+        loss = -(outputs.logprobs * batch.token_mask).sum() / batch.totals.tokens
+        return [LossTerm("nll", loss, metrics={"nll/level": "high"})]
+
+
+@pytest.mark.parametrize("plugin, message", [
+    (DropAll(), r"^route_group: dropped every tiny group; the check needs at least one routed row \(all cases\)$"),
+    (MembersOutOfRange(), r"^route_group: Route.members=\(0, 7\) names members the group does not have \(it has 4\) \(all cases, step 0\)$"),
+    (IntegerAdvantages(), r"^compute_advantage: must be a float tensor, got torch.int64 \(all cases, step 0\)$"),
+    (NaNDenominator(), r"^reference_denominator: non-finite values on response tokens \(all cases, step 0\)$"),
+    (InfiniteShaping(), r"^shape_ratio: non-finite values on response tokens \(all cases, step 0\)$"),
+    (NoGradient(), r"^build_loss: the loss has no gradient on the tiny batch \(all cases\)$"),
+    (EmptyResponse(), r"^compose_group: members\[4\].response_ids must be a non-empty list of token ids \(all cases, step 0\)$"),
+    (TextMetric(), r"^build_loss: term 'nll': metrics must map names to numbers, got \{'nll/level': 'high'\}"),
+    (RatioPerRow(), r"^shape_ratio: must return f\(ρ\) of the ratio's shape \[16, \d+\] \[N, L\], got Tensor \[16\] \(all cases, step 0\)$"),
+    (NaNTerm(), r"^build_loss: term 'pg' is nan \(all cases, step 0\)$"),
+    (BareTensorLoss(), r"^build_loss: must return a list of posttrain.LossTerm, got tensor\("),
+    (FloatMask(), r"^stabilization_mask: must return None or a bool tensor \[16, \d+\] \[N, L\], got Tensor \[16, \d+\] torch.float32 \(all cases, step 0\)$"),
+    (DenominatorPerRow(), r"^reference_denominator: must return log π_ref of the logprobs' shape \[16, \d+\] \[N, L\], got Tensor \[16\]"),
+    (SftWithoutDemo(), r"^route_group: Route.demos=\(0,\) names demonstrations the group does not have \(it has 0\); "
+                       r"check group.demonstrations before routing to SFT \(all cases, no demonstrations, step 0\)$"),
+    (NegativeWeight(), r"^route_group: weights must be finite and >= 0, got Route\(rl=-1.0"),
+    (StdWithoutEps(), r"^compute_advantage: returned non-finite advantages \(all cases, step 0\)$"),
+    (SftNormalisedAlways(), r"^build_loss: term 'nll' is nan \(mixed, step 0\)$"),  # 0/0 only when no row is SFT
+    (Raises(), r"^route_group: raised KeyError: 'b' \(all cases, step 0\)$"),
+    (ListNotGroup(), r"^compose_group: must return a PromptGroup, got list \(all cases, step 0\)$"),
+    (NeedsAsDict(), r"^requirements: must return posttrain.Needs, got dict \(setup\)$"),
+    (BadAdvantageShape(), r"^compute_advantage: must return \[N\] or \[N, L\], got Tensor \[3, 3, 3\] for N, L = \(16, \d+\)"),
+    (DuplicateTerms(), r"^build_loss: term names must be unique \(they become loss/<name> metrics\): \['nll', 'nll'\]"),
+], ids=lambda x: type(x).__name__ if not isinstance(x, str) else "")
+def test_broken_hook_is_named_with_rule_and_case(model_dir, plugin, message):
+    with pytest.raises(PluginContractError, match=message):
+        check_algorithm_plugin("grpo", model_dir=model_dir, plugins=[plugin])
+
+
+class PerMicroBatchMean:  # normalises by the micro-batch's own token count: not allowed
+    @hookimpl
+    def build_loss(self, batch, outputs):
+        m = batch.response_mask.float()
+        return [LossTerm("nll", -(outputs.logprobs * m).sum() / m.sum())]
+
+
+class PerPromptMean:
+    """Averages each prompt's rows over the rows the micro-batch holds: right only when a
+    prompt's rows never straddle two micro-batches, i.e. with Needs(whole_groups=True)."""
+
+    @hookimpl
+    def build_loss(self, batch, outputs):
+        seq = (outputs.logprobs * batch.token_mask).sum(-1)  # [N]
+        per_prompt = [seq[batch.prompt_index == p].mean() for p in batch.prompt_index.unique()]
+        return [LossTerm("pp", -torch.stack(per_prompt).sum() / batch.totals.seqs)]
+
+
+class WholeGroups:
+    @hookimpl
+    def requirements(self):
+        return Needs(whole_groups=True)
+
+
+def test_micro_batch_invariance(model_dir):
+    with pytest.raises(PluginContractError, match=r"^build_loss: loss depends on micro-batching: .* split per prompt"):
+        check_algorithm_plugin("grpo", model_dir=model_dir, plugins=[PerMicroBatchMean()])
+    with pytest.raises(PluginContractError, match=r"^build_loss: loss depends on micro-batching: (\S+) as one micro-batch, "
+                                                  r"(\S+) split every 3 rows .*Needs\(whole_groups=True\)"):
+        check_algorithm_plugin("grpo", model_dir=model_dir, plugins=[PerPromptMean()])
+    report = check_algorithm_plugin("grpo", model_dir=model_dir, plugins=[PerPromptMean(), WholeGroups()])
+    assert set(report["terms"]) == {"pp"} and report["needs"].whole_groups
+
+
+def test_token_distribution_loss_shape(model_dir):
+    class PerRowDistribution:
         @hookimpl
-        def build_loss(self, batch, outputs):
-            m = batch.response_mask.float()
-            return [LossTerm("nll", -(outputs.logprobs * m).sum() / m.sum())]
+        def requirements(self):
+            return Needs(reference_vocab=True)
 
-    with pytest.raises(PluginContractError, match="build_loss: loss depends on micro-batching"):
-        check_algorithm_plugin("grpo", plugins=[PerMicroBatchMean()])
-
-    class BadShape:
         @hookimpl
-        def compute_advantage(self, batch):
-            return torch.zeros(3, 3, 3)
+        def token_distribution_loss(self, logits, reference_logprobs):
+            return (logits.log_softmax(-1).exp() * (logits.log_softmax(-1) - reference_logprobs)).sum((-1, -2))  # [n]
 
-    with pytest.raises(PluginContractError, match=r"compute_advantage: must return \[N\] or \[N, L\]"):
-        check_algorithm_plugin("grpo", plugins=[BadShape()])
+    with pytest.raises(PluginContractError, match=r"^token_distribution_loss: must return a per-token loss of the labels' "
+                                                  r"shape \[16, \d+\] \[n, c\], got Tensor \[16\]"):
+        check_algorithm_plugin("grpo", model_dir=model_dir, plugins=[PerRowDistribution()])
+
+
+@dataclasses.dataclass
+class NoHelp(GRPOConfig):
+    name: str = help_field("grpo", "Algorithm entry-point name.")
+    threshold: int = 3
+
+
+@dataclasses.dataclass
+class WrongName(GRPOConfig):
+    name: str = help_field("grpo_v2", "Algorithm entry-point name.")
+
+
+@dataclasses.dataclass
+class NotGRPO:
+    name: str = help_field("grpo", "Algorithm entry-point name.")
+
+
+@dataclasses.dataclass
+class RejectsDefaults(GRPOConfig):
+    name: str = help_field("grpo", "Algorithm entry-point name.")
+    gamma: float = help_field(-1.0, "Must be set in the YAML.")
+
+    def __post_init__(self):
+        if self.gamma < 0:
+            raise ValueError("gamma must be >= 0")
+
+
+@pytest.mark.parametrize("schema, message", [
+    (RejectsDefaults, r"^algorithm_config: RejectsDefaults\(\) with its defaults raised ValueError: gamma must be >= 0$"),
+    (NoHelp, r"^algorithm_config: fields without help text: \['threshold'\] \(use posttrain.help_field\) \(setup\)$"),
+    (WrongName, r"^algorithm_config: WrongName.name must default to the entry-point name 'grpo', got 'grpo_v2'$"),
+    (NotGRPO, r"^algorithm_config: NotGRPO must subclass posttrain.GRPOConfig"),
+    (dict, r"^algorithm_config: must return a dataclass type, got <class 'dict'>"),
+])
+def test_config_rules(schema, message):
+    class Config:
+        @hookimpl
+        def algorithm_config(self):
+            return schema
+
+    with pytest.raises(PluginContractError, match=message):
+        check_algorithm_plugin("grpo", plugins=[Config()])
+
+
+def test_checker_passes_results_through_unchanged():
+    """The wrappers only look: the hooks return exactly what they return without the checker."""
+    plain, checked = make_plugin_manager("sft"), make_plugin_manager("sft", plugins=[ContractChecker()])
+    cfg = plain.hook.algorithm_config()()
+    assert checked.hook.algorithm_config() is plain.hook.algorithm_config()
+    g = tiny_group([0, 1], demos=("a", "b"))
+    assert checked.hook.route_group(group=g, config=cfg, step=3, metrics=Metrics()) == Route(rl=0.0, sft=1.0, demos=(0, 1), members=())
+    assert checked.hook.requirements(config=cfg) == plain.hook.requirements(config=cfg) == Needs(rollouts=False)
+
+
+# --- the 2-step run --------------------------------------------------------------------------------
+
+
+def test_two_step_run(model_dir, tmp_path):
+    seen = []
+
+    class Recorder:
+        @hookimpl
+        def on_step_end(self, step, metrics):
+            seen.append((step, metrics["route/rl"]))
+
+    report = check_two_step_run("grpo", tmp_path / "run", model_dir=model_dir, plugins=[Recorder()],
+                                overrides={"algorithm.entropy_coef": 0.01})
+    assert [r["step"] for r in report["metrics"]] == [1, 2]
+    assert seen == [(1, 1.0), (2, 1.0)]
+    assert report["final"].name == "step-000002" and report["changed"]  # the entropy bonus moves the weights
+    assert all(r["loss/entropy"] < 0 for r in report["metrics"])
+
+
+def test_two_step_run_names_the_hook(model_dir, tmp_path):
+    class BrokenAtStepEnd:
+        @hookimpl
+        def on_step_end(self, step):
+            raise RuntimeError(f"cannot write my_plugin/state.json at step {step}")
+
+    with pytest.raises(PluginContractError, match=r"^on_step_end: raised RuntimeError: cannot write my_plugin/state.json "
+                                                  r"at step 1 \(2-step run, step 1\)$"):
+        check_two_step_run("grpo", tmp_path / "run", model_dir=model_dir, plugins=[BrokenAtStepEnd()])

@@ -1,6 +1,14 @@
-"""Test helpers for the core and for plugin authors: tiny local models, tiny groups, and
-``check_algorithm_plugin(name)``, which runs a plugin's hooks on tiny inputs and checks the
-contract (types, shapes, finite gradients, micro-batch invariance)."""
+"""Test helpers for the core and for plugin authors.
+
+- ``tiny_tokenizer``, ``make_tiny_model``: a character-level tokenizer and a random-weight
+  Llama saved locally (no download), loaded back with ``from_pretrained``;
+- ``tiny_group``, ``tiny_groups``, ``tiny_config``: verified prompt groups and a complete
+  seconds-long run config on the synthetic arithmetic task;
+- the conformance suite a plugin runs in its own CI: ``check_algorithm_plugin(name)`` (every
+  hook on tiny groups through the engine's loss path: types, shapes, finite gradients,
+  micro-batch invariance) and ``check_two_step_run(name, run_dir)`` (two real training steps),
+  both raising ``PluginContractError`` messages of the form ``"<hook>: <rule> (<case>)"``.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +17,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+import torch.utils.checkpoint
 
+from . import hookimpl
 from .types import Example, PromptGroup, Trajectory
 
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
@@ -83,13 +93,20 @@ def tiny_group(rewards: Sequence[float], *, demos: Sequence[str] = ("1+1=2 \\box
                        demonstrations=demo_trajs)
 
 
-def tiny_groups() -> dict[str, PromptGroup]:
-    """The cases every algorithm must handle: all wrong, mixed, all correct, two teachers."""
+def tiny_groups(demonstrations: bool = True) -> dict[str, PromptGroup]:
+    """The cases every algorithm must handle: all wrong, mixed, all correct, two teachers.
+
+    ``demonstrations=False`` gives the same rollouts for prompts that have no demonstration
+    (plain RL data: the gates of HPT-like algorithms must fall back to something sensible).
+    """
+    def demos(*texts: str) -> tuple[str, ...]:
+        return texts if demonstrations else ()
+
     return {
-        "all_wrong": tiny_group([0, 0, 0, 0], uid="tiny:1", seed=1),
-        "mixed": tiny_group([1, 0, 0, 1], uid="tiny:2", seed=2),
-        "all_correct": tiny_group([1, 1, 1, 1], uid="tiny:3", seed=3),
-        "two_teachers": tiny_group([0, 1, 0, 0], demos=("2+2=4 \\boxed{4}", "2 plus 2 is 4 \\boxed{4}"),
+        "all_wrong": tiny_group([0, 0, 0, 0], demos=demos("1+1=2 \\boxed{2}"), uid="tiny:1", seed=1),
+        "mixed": tiny_group([1, 0, 0, 1], demos=demos("1+1=2 \\boxed{2}"), uid="tiny:2", seed=2),
+        "all_correct": tiny_group([1, 1, 1, 1], demos=demos("1+1=2 \\boxed{2}"), uid="tiny:3", seed=3),
+        "two_teachers": tiny_group([0, 1, 0, 0], demos=demos("2+2=4 \\boxed{4}", "2 plus 2 is 4 \\boxed{4}"),
                                    prompt="2+2=", answer="4", uid="tiny:4", seed=4),
     }
 
@@ -117,111 +134,407 @@ def tiny_config(model_dir: str | Path, run_dir: str | Path, *, algorithm: str = 
 
 
 # --- conformance ---------------------------------------------------------------------------------
+#
+# Two entry points for a plugin's own tests:
+#   check_algorithm_plugin(name)     hooks on tiny groups/batches through the engine's loss path
+#   check_two_step_run(name, dir)    two real training steps on the tiny model, synthetic task
+# Both register a ContractChecker: outermost wrappers that check what every hook returns, so a
+# failure says which hook broke which rule, in which tiny case or at which step.
 
 
 class PluginContractError(AssertionError):
     """A plugin hook broke a rule of the contract; the message names the hook and the rule."""
 
 
-def _require(cond: bool, hook: str, rule: str) -> None:
+def _require(cond: bool, hook: str, rule: str, where: str = "") -> None:
     if not cond:
-        raise PluginContractError(f"{hook}: {rule}")
+        raise PluginContractError(f"{hook}: {rule}{where}")
+
+
+def _shape(x: Any) -> str:
+    return f"{type(x).__name__} {list(x.shape)}" if isinstance(x, torch.Tensor) else repr(x)
+
+
+def _finite_on(x: torch.Tensor, mask: torch.Tensor) -> bool:
+    return bool(torch.isfinite(x.detach()[mask]).all())
+
+
+# Exceptions torch raises through hooks on purpose: non-reentrant activation checkpointing stops
+# a recomputation early with one once it has what backward needs (token_distribution_loss).
+_TORCH_CONTROL_FLOW = tuple(c for c in [getattr(torch.utils.checkpoint, "_StopRecomputationError", None)] if c)
+
+
+class ContractChecker:
+    """An in-process plugin whose outermost wrappers check every hook's result.
+
+    Register it last (``make_plugin_manager(name, plugins=[..., ContractChecker()])`` or
+    ``posttrain.run.train(cfg, plugins=[ContractChecker()])``). A hook that raises is re-raised
+    as a ``PluginContractError`` naming the hook; a result that breaks the contract (type, shape,
+    non-finite values, out-of-range indices) raises one naming the hook and the rule. ``case``
+    labels the tiny input or run being checked and ends every message.
+    """
+
+    def __init__(self, case: str = "") -> None:
+        self.case = case
+
+    def where(self, step: Any = None) -> str:
+        parts = [p for p in (self.case, None if step is None else f"step {step}") if p]
+        return f" ({', '.join(parts)})" if parts else ""
+
+    def _call(self, name: str, step: Any = None):
+        """``out = yield from self._call(name)`` inside a wrapper: the hook's result, or its error named."""
+        try:
+            return (yield)
+        except (PluginContractError, *_TORCH_CONTROL_FLOW):
+            raise
+        except Exception as e:  # whatever the plugin raised: say which hook raised it
+            raise PluginContractError(f"{name}: raised {type(e).__name__}: {e}{self.where(step)}") from e
+
+    # --- setup ---
+
+    @hookimpl(wrapper=True, tryfirst=True)
+    def algorithm_config(self):
+        import dataclasses
+
+        from .config import GRPOConfig
+
+        schema = yield from self._call("algorithm_config")
+        w = self.where()
+        _require(isinstance(schema, type) and dataclasses.is_dataclass(schema), "algorithm_config",
+                 f"must return a dataclass type, got {schema!r}", w)
+        _require(issubclass(schema, GRPOConfig), "algorithm_config",
+                 f"{schema.__name__} must subclass posttrain.GRPOConfig (the default hooks read its fields)", w)
+        missing = [f.name for f in dataclasses.fields(schema) if not f.metadata.get("help")]
+        _require(not missing, "algorithm_config", f"fields without help text: {missing} (use posttrain.help_field)", w)
+        return schema
+
+    @hookimpl(wrapper=True, tryfirst=True)
+    def requirements(self, config):
+        from .types import Needs
+
+        needs = yield from self._call("requirements")
+        _require(isinstance(needs, Needs), "requirements", f"must return posttrain.Needs, got {type(needs).__name__}", self.where())
+        return needs
+
+    # --- per group ---
+
+    @hookimpl(wrapper=True, tryfirst=True)
+    def compose_group(self, group, step):
+        g = yield from self._call("compose_group", step)
+        w = self.where(step)
+        _require(isinstance(g, PromptGroup), "compose_group", f"must return a PromptGroup, got {type(g).__name__}", w)
+        for i, m in enumerate(g.members):
+            _require(isinstance(m, Trajectory), "compose_group", f"members[{i}] must be a Trajectory, got {type(m).__name__}", w)
+            _require(len(m.response_ids) > 0 and all(isinstance(t, int) for t in m.response_ids), "compose_group",
+                     f"members[{i}].response_ids must be a non-empty list of token ids", w)
+        return g
+
+    @hookimpl(wrapper=True, tryfirst=True)
+    def route_group(self, group, step):
+        import math
+
+        from .types import Route
+
+        r = yield from self._call("route_group", step)
+        w = self.where(step)
+        _require(isinstance(r, Route), "route_group", f"must return a Route, got {type(r).__name__}", w)
+        _require(math.isfinite(r.rl) and math.isfinite(r.sft) and r.rl >= 0 and r.sft >= 0, "route_group",
+                 f"weights must be finite and >= 0, got {r}", w)
+        if r.kind == "drop":
+            return r
+        if r.sft > 0:
+            k = len(group.demonstrations)
+            _require(len(r.demos) > 0 and all(0 <= d < k for d in r.demos), "route_group",
+                     f"Route.demos={r.demos} names demonstrations the group does not have (it has {k}); "
+                     "check group.demonstrations before routing to SFT", w)
+        if r.members is not None:
+            n = len(group.members)
+            _require(all(0 <= i < n for i in r.members), "route_group",
+                     f"Route.members={r.members} names members the group does not have (it has {n})", w)
+        return r
+
+    # --- per batch ---
+
+    @hookimpl(wrapper=True, tryfirst=True)
+    def compute_advantage(self, batch, step):
+        adv = yield from self._call("compute_advantage", step)
+        w = self.where(step)
+        n_l = tuple(batch.response_ids.shape)
+        _require(isinstance(adv, torch.Tensor) and tuple(adv.shape) in (n_l[:1], n_l), "compute_advantage",
+                 f"must return [N] or [N, L], got {_shape(adv)} for N, L = {n_l}", w)
+        _require(adv.is_floating_point(), "compute_advantage", f"must be a float tensor, got {adv.dtype}", w)
+        _require(bool(torch.isfinite(adv).all()), "compute_advantage", "returned non-finite advantages", w)
+        return adv
+
+    @hookimpl(wrapper=True, tryfirst=True)
+    def reference_denominator(self, batch, logprobs, step):
+        denom = yield from self._call("reference_denominator", step)
+        w = self.where(step)
+        _require(isinstance(denom, torch.Tensor) and denom.shape == logprobs.shape, "reference_denominator",
+                 f"must return log π_ref of the logprobs' shape {list(logprobs.shape)} [N, L], got {_shape(denom)}", w)
+        _require(_finite_on(denom, batch.response_mask), "reference_denominator", "non-finite values on response tokens", w)
+        return denom
+
+    @hookimpl(wrapper=True, tryfirst=True)
+    def shape_ratio(self, batch, ratio, step):
+        shaped = yield from self._call("shape_ratio", step)
+        w = self.where(step)
+        _require(isinstance(shaped, torch.Tensor) and shaped.shape == ratio.shape, "shape_ratio",
+                 f"must return f(ρ) of the ratio's shape {list(ratio.shape)} [N, L], got {_shape(shaped)}", w)
+        _require(_finite_on(shaped, batch.response_mask), "shape_ratio", "non-finite values on response tokens", w)
+        return shaped
+
+    @hookimpl(wrapper=True, tryfirst=True)
+    def stabilization_mask(self, ratio, step):
+        masks = yield from self._call("stabilization_mask", step)
+        for m in masks:  # a broadcast hook: one result per implementation, None = no opinion
+            _require(isinstance(m, torch.Tensor) and m.dtype == torch.bool and m.shape == ratio.shape, "stabilization_mask",
+                     f"must return None or a bool tensor {list(ratio.shape)} [N, L], got "
+                     f"{_shape(m)}{f' {m.dtype}' if isinstance(m, torch.Tensor) else ''}", self.where(step))
+        return masks
+
+    @hookimpl(wrapper=True, tryfirst=True)
+    def token_distribution_loss(self, labels, step):
+        out = yield from self._call("token_distribution_loss", step)
+        w = self.where(step)
+        _require(isinstance(out, torch.Tensor) and out.shape == labels.shape, "token_distribution_loss",
+                 f"must return a per-token loss of the labels' shape {list(labels.shape)} [n, c], got {_shape(out)}", w)
+        _require(bool(torch.isfinite(out.detach()).all()), "token_distribution_loss", "returned non-finite values", w)
+        return out
+
+    @hookimpl(wrapper=True, tryfirst=True)
+    def build_loss(self, step):
+        from .types import LossTerm
+
+        terms = yield from self._call("build_loss", step)
+        w = self.where(step)
+        _require(isinstance(terms, list) and all(isinstance(t, LossTerm) for t in terms), "build_loss",
+                 f"must return a list of posttrain.LossTerm, got {terms!r:.200}", w)
+        names = [t.name for t in terms]
+        _require(len(set(names)) == len(names), "build_loss", f"term names must be unique (they become loss/<name> metrics): {names}", w)
+        for t in terms:
+            _require(isinstance(t.name, str) and t.name != "", "build_loss", f"term name must be a non-empty string, got {t.name!r}", w)
+            _require(isinstance(t.value, torch.Tensor) and t.value.dim() == 0, "build_loss",
+                     f"term {t.name!r} must be a scalar tensor, got {_shape(t.value)}", w)
+            _require(bool(torch.isfinite(t.value.detach())), "build_loss", f"term {t.name!r} is {float(t.value.detach())}", w)
+            _require(isinstance(t.metrics, dict) and all(isinstance(v, (int, float, torch.Tensor)) for v in t.metrics.values()),
+                     "build_loss", f"term {t.name!r}: metrics must map names to numbers, got {t.metrics!r:.200}", w)
+        return terms
+
+    # --- lifecycle: results are ignored, exceptions are named ---
+
+    @hookimpl(wrapper=True, tryfirst=True)
+    def on_train_start(self):
+        return (yield from self._call("on_train_start"))
+
+    @hookimpl(wrapper=True, tryfirst=True)
+    def on_rollout_end(self, step):
+        return (yield from self._call("on_rollout_end", step))
+
+    @hookimpl(wrapper=True, tryfirst=True)
+    def on_step_end(self, step):
+        return (yield from self._call("on_step_end", step))
+
+    @hookimpl(wrapper=True, tryfirst=True)
+    def on_train_end(self):
+        return (yield from self._call("on_train_end"))
+
+
+CASES = ("all_wrong", "mixed", "all_correct", "two_teachers")
 
 
 def check_algorithm_plugin(name: str, *, model_dir: str | Path | None = None, step: int = 0,
                            plugins: Sequence[Any] = ()) -> dict[str, Any]:
     """Run an installed algorithm's hooks on tiny inputs through the engine's own code path.
 
-    Checks: the config dataclass (defaults, help text), ``requirements``, ``compose_group`` and
-    ``route_group`` on all-wrong / mixed / all-correct / two-teacher groups, advantage shape,
-    loss terms (named, scalar, finite), finite gradients, and that splitting the mini-batch into
-    one micro-batch per prompt gives the same loss and gradients. Returns a small report.
+    Checks, with every hook's result checked by a ``ContractChecker``:
+
+    - the config dataclass: subclasses ``GRPOConfig``, help text on every field, ``name``
+      defaults to the entry-point name, its defaults validate like a YAML section;
+    - ``requirements``, ``compose_group``, ``on_rollout_end``, ``route_group``,
+      ``compute_advantage``, then ``reference_denominator`` → ``shape_ratio`` →
+      ``stabilization_mask`` → (``token_distribution_loss``) → ``build_loss`` → backward on:
+      all four tiny groups together (all wrong, mixed, all correct, two teachers), the same
+      groups without demonstrations, and each group alone, with and without demonstrations;
+    - finite loss terms and gradients everywhere; a non-zero gradient on the four groups;
+    - micro-batch invariance: the loss and gradients of the four groups (with and without
+      demonstrations) are the same as one micro-batch, split per prompt, and split every 3
+      rows, across groups (per prompt only when ``Needs.whole_groups``).
+
+    Raises ``PluginContractError`` naming the hook, the rule and the case. Returns a report:
+    ``loss``, ``terms``, ``rows``, ``routes`` and ``needs`` of the four groups together, and
+    ``cases``: the same numbers for every other case.
     """
     import dataclasses
     import tempfile
 
     from transformers import AutoModelForCausalLM
 
-    from .batching import build_train_batch, micro_batch_rows, totals_of, trim_padding
-    from .loss import micro_batch_loss
-    from .metrics import Metrics
+    from .config import validate_algorithm
     from .plugins import make_plugin_manager
-    from .types import LossTerm, Needs, Route
 
-    pm = make_plugin_manager(name, plugins=plugins)  # ``plugins``: extra in-process ones, registered last
+    checker = ContractChecker("setup")
+    pm = make_plugin_manager(name, plugins=[*plugins, checker])  # ``plugins``: extra in-process ones; the checker last
     hook = pm.hook
     schema = hook.algorithm_config()
-    _require(dataclasses.is_dataclass(schema), "algorithm_config", f"must return a dataclass type, got {schema!r}")
-    missing_help = [f.name for f in dataclasses.fields(schema) if not f.metadata.get("help")]
-    _require(not missing_help, "algorithm_config", f"fields without help text: {missing_help}")
-    config = schema()
+    name_field = {f.name: f for f in dataclasses.fields(schema)}.get("name")
+    _require(name_field is not None and name_field.default == name, "algorithm_config",
+             f"{schema.__name__}.name must default to the entry-point name '{name}', "
+             f"got {getattr(name_field, 'default', None)!r}")
+    try:
+        config = schema()
+    except Exception as e:  # a __post_init__ that rejects the defaults
+        raise PluginContractError(f"algorithm_config: {schema.__name__}() with its defaults raised {type(e).__name__}: {e}") from e
+    _, problems = validate_algorithm({"name": name}, schema, f"algorithm '{name}'")
+    _require(not problems, "algorithm_config", f"its defaults do not validate as a config section: {problems}")
     needs = hook.requirements(config=config)
-    _require(isinstance(needs, Needs), "requirements", f"must return Needs, got {type(needs).__name__}")
-
-    metrics = Metrics()
-    groups, routes = [], []
-    for case, group in tiny_groups().items():
-        if not needs.rollouts:
-            group.members = []
-        g = hook.compose_group(group=group, config=config, step=step, metrics=metrics)
-        _require(isinstance(g, PromptGroup), "compose_group", f"must return a PromptGroup ({case})")
-        for mem in g.members:  # what the verifier would do for members the plugin added
-            if mem.reward is None:
-                mem.reward = 1.0
-        r = hook.route_group(group=g, config=config, step=step, metrics=metrics)
-        _require(isinstance(r, Route), "route_group", f"must return a Route ({case}), got {type(r).__name__}")
-        _require(r.rl >= 0 and r.sft >= 0, "route_group", f"weights must be >= 0 ({case}: {r})")
-        groups.append(g)
-        routes.append(r)
-
-    tok = tiny_tokenizer()
-    batch = build_train_batch(groups, routes, tok.pad_token_id)
-    _require(batch is not None, "route_group", "dropped every tiny group; the check needs at least one routed row")
-    adv = hook.compute_advantage(batch=batch, config=config, step=step, metrics=metrics)
-    _require(isinstance(adv, torch.Tensor) and adv.shape in (batch.rewards.shape, batch.response_ids.shape),
-             "compute_advantage", f"must return [N] or [N, L], got {getattr(adv, 'shape', adv)} for N, L = {tuple(batch.response_ids.shape)}")
-    _require(bool(torch.isfinite(adv).all()), "compute_advantage", "returned non-finite advantages")
-    batch.advantages = adv
 
     with tempfile.TemporaryDirectory() as tmp:
         path = model_dir or make_tiny_model(Path(tmp) / "model")
         model = AutoModelForCausalLM.from_pretrained(path)
         reference = AutoModelForCausalLM.from_pretrained(path).eval() if (needs.reference or needs.reference_vocab) else None
+
+    def batch_of(label: str, groups: list[PromptGroup]) -> tuple[Any, list[str]]:
+        """Compose, 'verify', route and batch the groups the way a step does; (batch or None, route kinds)."""
+        checker.case = label
+        return _routed_batch(hook, config, needs, groups, step, reference)
+
+    whole, cases = None, {}
+    for demos in (True, False):
+        suffix = "" if demos else ", no demonstrations"
+        batch, kinds = batch_of(f"all cases{suffix}", list(tiny_groups(demos).values()))
+        if demos:
+            _require(batch is not None, "route_group", "dropped every tiny group; the check needs at least one routed row",
+                     checker.where())
+        entry = {"routes": kinds, "rows": 0 if batch is None else len(batch)}
+        if batch is not None:
+            loss, parts, grads = _loss(hook, config, step, needs, model, reference, batch, [torch.arange(len(batch))], checker)
+            if demos:
+                _require(any(bool(g.abs().sum() > 0) for g in grads), "build_loss",
+                         "the loss has no gradient on the tiny batch", checker.where())
+            _check_invariance(hook, config, step, needs, model, reference, batch, loss, grads, checker)
+            entry.update(loss=loss, terms=parts)
+        if demos:
+            whole = entry
+        else:
+            cases[f"all cases{suffix}"] = entry
+        for case in CASES:  # each group alone: catches 0/0 when a kind of row is absent from the batch
+            batch, kinds = batch_of(f"{case}{suffix}", [tiny_groups(demos)[case]])
+            entry = {"routes": kinds, "rows": 0 if batch is None else len(batch)}
+            if batch is not None:
+                loss, parts, _ = _loss(hook, config, step, needs, model, reference, batch, [torch.arange(len(batch))], checker)
+                entry.update(loss=loss, terms=parts)
+            cases[f"{case}{suffix}"] = entry
+    return {**whole, "needs": needs, "cases": cases}
+
+
+def _routed_batch(hook, config, needs, groups, step, reference):
+    from .batching import build_train_batch
+    from .metrics import Metrics
+    from .train.forward import policy_outputs
+
+    metrics = Metrics()
+    if not needs.rollouts:  # offline algorithms: the engine never samples
+        for g in groups:
+            g.members = []
+    groups = [hook.compose_group(group=g, config=config, step=step, metrics=metrics) for g in groups]
+    for g in groups:  # what the verifier does for members the plugin added
+        for m in g.members:
+            if m.reward is None:
+                m.reward = 1.0
+    hook.on_rollout_end(groups=groups, step=step, metrics=metrics)
+    routes = [hook.route_group(group=g, config=config, step=step, metrics=metrics) for g in groups]
+    batch = build_train_batch(groups, routes, tiny_tokenizer().pad_token_id)
+    if batch is None:
+        return None, [r.kind for r in routes]
+    batch.advantages = hook.compute_advantage(batch=batch, config=config, step=step, metrics=metrics)
     if needs.reference:
         with torch.no_grad():
-            from .train.forward import policy_outputs
-
             batch.ref_logprobs = policy_outputs(reference, batch, temperature=1.0, chunk=4).logprobs
+    return batch, [r.kind for r in routes]
 
-    def run(split: list[torch.Tensor]) -> tuple[float, dict[str, float], list[torch.Tensor]]:
-        model.zero_grad(set_to_none=True)
-        totals = totals_of(batch, max_len=16, micro_batches=len(split))
-        total, parts = 0.0, {}
-        for rows in split:
-            micro = trim_padding(batch.select(rows)).with_(totals=totals)
-            terms, _ = micro_batch_loss(hook, config, step, model, micro, Metrics(), needs=needs, reference=reference, chunk=4)
-            _require(isinstance(terms, list) and all(isinstance(t, LossTerm) for t in terms), "build_loss",
-                     "must return a list of LossTerm")
-            for t in terms:
-                _require(t.value.dim() == 0, "build_loss", f"term {t.name!r} must be a scalar, got shape {tuple(t.value.shape)}")
-                value = float(t.value.detach())
-                _require(torch.isfinite(torch.tensor(value)).item(), "build_loss", f"term {t.name!r} is {value}")
-                parts[t.name] = parts.get(t.name, 0.0) + value
-            loss = sum(t.value for t in terms)
-            if torch.is_tensor(loss) and loss.requires_grad:
+
+def _loss(hook, config, step, needs, model, reference, batch, split, checker):
+    """(total loss, loss per term, gradients) of the batch processed as the given micro-batches."""
+    from .batching import totals_of, trim_padding
+    from .loss import micro_batch_loss
+    from .metrics import Metrics
+
+    model.zero_grad(set_to_none=True)
+    totals = totals_of(batch, max_len=16, micro_batches=len(split))
+    total, parts = 0.0, {}
+    for rows in split:
+        micro = trim_padding(batch.select(rows)).with_(totals=totals)
+        terms, _ = micro_batch_loss(hook, config, step, model, micro, Metrics(), needs=needs, reference=reference, chunk=4)
+        for t in terms:
+            parts[t.name] = parts.get(t.name, 0.0) + float(t.value.detach())
+        loss = sum(t.value for t in terms)
+        if torch.is_tensor(loss) and loss.requires_grad:
+            try:
                 loss.backward()
-            total += float(loss.detach()) if torch.is_tensor(loss) else float(loss)
-        grads = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
-        return total, parts, grads
+            except PluginContractError:
+                raise
+            except RuntimeError as e:  # e.g. token_distribution_loss recomputed in backward
+                raise PluginContractError(f"build_loss: backward through the loss failed: {e}{checker.where(step)}") from e
+        total += float(loss.detach()) if torch.is_tensor(loss) else float(loss)
+    grads = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+    _require(all(bool(torch.isfinite(g).all()) for g in grads), "build_loss", "gradients are not finite", checker.where(step))
+    return total, parts, grads
 
-    whole, parts, g_whole = run([torch.arange(len(batch))])
-    _require(all(bool(torch.isfinite(g).all()) for g in g_whole), "build_loss", "gradients are not finite")
-    _require(any(bool(g.abs().sum() > 0) for g in g_whole), "build_loss", "the loss has no gradient on the tiny batch")
-    per_prompt = micro_batch_rows(batch, token_budget=1, whole_groups=True)
-    split, _, g_split = run(per_prompt)
-    _require(abs(whole - split) <= 1e-4 * max(1.0, abs(whole)), "build_loss",
-             f"loss depends on micro-batching: {whole:.6g} as one micro-batch, {split:.6g} split per prompt "
-             "(normalise with batch.totals, not with counts of the micro-batch)")
-    worst = max(float((a - b).abs().max()) for a, b in zip(g_whole, g_split))
-    _require(worst <= 1e-4, "build_loss", f"gradient depends on micro-batching (max diff {worst:.3g})")
-    return {"loss": whole, "terms": parts, "rows": len(batch), "routes": [r.kind for r in routes], "needs": needs}
+
+def _check_invariance(hook, config, step, needs, model, reference, batch, whole, g_whole, checker):
+    """Splitting a mini-batch into micro-batches must not change the loss or the update."""
+    from .batching import micro_batch_rows
+
+    n = len(batch)
+    splits = {"split per prompt": micro_batch_rows(batch, token_budget=1, whole_groups=True)}
+    if not needs.whole_groups:  # micro-batches that cut through prompt groups (4 rollouts per group)
+        splits["split every 3 rows"] = [torch.arange(i, min(i + 3, n)) for i in range(0, n, 3)]
+    for how, split in splits.items():
+        total, _, grads = _loss(hook, config, step, needs, model, reference, batch, split, checker)
+        _require(abs(whole - total) <= 1e-4 * max(1.0, abs(whole)), "build_loss",
+                 f"loss depends on micro-batching: {whole:.6g} as one micro-batch, {total:.6g} {how} "
+                 "(normalise with batch.totals, not with counts of the micro-batch; a loss over a group's "
+                 "rows needs Needs(whole_groups=True))", checker.where())
+        worst = max(float((a - b).abs().max()) for a, b in zip(g_whole, grads))
+        _require(worst <= 1e-4, "build_loss", f"gradient depends on micro-batching ({how}: max diff {worst:.3g})",
+                 checker.where())
+
+
+def check_two_step_run(name: str, run_dir: str | Path, *, model_dir: str | Path | None = None, steps: int = 2,
+                       overrides: dict[str, Any] | None = None, plugins: Sequence[Any] = ()) -> dict[str, Any]:
+    """Train ``name`` for ``steps`` steps on the tiny model and the synthetic arithmetic task.
+
+    Runs ``posttrain.run.train`` (what ``posttrain train`` runs) on ``tiny_config`` with a
+    ``ContractChecker`` registered, then checks one metrics row per step, finite losses and
+    gradient norms, and a final checkpoint that loads with finite weights. ``model_dir``
+    defaults to a fresh tiny model built in ``run_dir``; ``overrides`` are dotted keys, e.g.
+    ``{"algorithm.entropy_coef": 0.01}``. Returns ``final`` (checkpoint path), ``metrics``
+    (one dict per step) and ``changed`` (whether training moved the weights).
+    """
+    import math
+
+    from transformers import AutoModelForCausalLM
+
+    from .logging import read_metrics
+    from .run import train
+
+    run_dir = Path(run_dir)
+    checker = ContractChecker("2-step run" if steps == 2 else f"{steps}-step run")
+    (final,) = train(tiny_config(model_dir or "tiny:", run_dir, algorithm=name, steps=steps, overrides=overrides),
+                     base=None, plugins=[*plugins, checker])
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    where = checker.where()
+    _require([r.get("step") for r in rows] == list(range(1, steps + 1)), "engine",
+             f"expected one metrics row per step {list(range(1, steps + 1))}, got steps {[r.get('step') for r in rows]}", where)
+    for r in rows:
+        for k, v in r.items():
+            if k.startswith("loss/") or k == "train/grad_norm":
+                _require(v is not None and math.isfinite(v), "build_loss", f"{k} is {v} at step {r['step']}", where)
+    base = Path(model_dir) if model_dir else run_dir / "base-model"
+    before = AutoModelForCausalLM.from_pretrained(base).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(final).state_dict()
+    _require(all(bool(torch.isfinite(v).all()) for v in after.values()), "build_loss",
+             f"the final checkpoint {final} has non-finite weights", where)
+    changed = any(not torch.equal(before[k], after[k]) for k in before)
+    return {"final": Path(final), "metrics": rows, "changed": changed}
