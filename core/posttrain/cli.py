@@ -1,4 +1,4 @@
-"""``posttrain`` command line: train | plugins | ls | show-config."""
+"""``posttrain`` command line: train | eval | experiment | plugins | ls | show-config."""
 
 from __future__ import annotations
 
@@ -30,6 +30,24 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from .eval import run_eval
+
+    # --benchmarks takes every word after it, so key=value words there are overrides.
+    overrides = [b for b in args.benchmarks if "=" in b] + list(args.overrides)
+    run_eval(args.model, [b for b in args.benchmarks if "=" not in b], args.out, overrides, resume=args.resume)
+    return 0
+
+
+def cmd_experiment(args) -> int:
+    from .experiment import run_experiment
+
+    only = [o for o in (args.only or "").split(",") if o]
+    result = run_experiment(args.spec, workers=args.workers, smoke=args.smoke, out=args.out, only=only,
+                            skip_missing=args.skip_missing, report_only=args.report_only)
+    return 1 if result["failed"] else 0
+
+
 def _plugin_row(p) -> dict:
     row = {"name": p.name, "kind": "algorithm" if p.group == ALGORITHMS else "extension",
            "distribution": p.distribution, "version": p.version, "module": p.module}
@@ -37,24 +55,43 @@ def _plugin_row(p) -> dict:
         module = load_plugin_module(p.name, p.group)
     except PluginError as e:  # a broken plugin is listed, not fatal to the listing
         return {**row, "status": "broken", "error": str(e)}
-    row["hooks"] = [h for h in overridden_hooks(module) if h]
-    schema = getattr(module, "algorithm_config", None)
-    if schema is not None and p.group == ALGORITHMS:
-        cls = schema()
-        row["config_fields"] = [f.name for f in dataclasses.fields(cls) if f.name != "name"]
+    try:  # imports, but hooks with unknown arguments or a failing algorithm_config() are broken too
+        row["hooks"] = [h for h in overridden_hooks(module) if h]
+        schema = getattr(module, "algorithm_config", None)
+        if schema is not None and p.group == ALGORITHMS:
+            cls = schema()
+            row["config_fields"] = [f.name for f in dataclasses.fields(cls) if f.name != "name"]
+    except Exception as e:  # third-party code: report it against the plugin, keep listing the others
+        return {**row, "status": "broken", "error": f'{p.name} ({p.label}): {type(e).__name__}: {e}'}
     return {**row, "status": "ok"}
+
+
+def _install_command(entry: dict) -> str:
+    """How to install a registry.toml entry: its source directory in this checkout, else from the index."""
+    if entry.get("builtin"):
+        return "(built in)"
+    src = repo_root() / entry["source"] if entry.get("source") else None
+    if src is not None and src.is_dir():
+        try:  # relative when run from the checkout (the README's `pip install -e plugins/hpt`)
+            shown = src.resolve().relative_to(Path.cwd().resolve())
+        except ValueError:
+            shown = src.resolve()
+        return f"pip install -e {shown}"
+    return f"pip install {entry['distribution']}"
 
 
 def cmd_plugins(args) -> int:
     rows = [_plugin_row(p) for g in (ALGORITHMS, EXTENSIONS) for p in installed(g).values()]
     available = []
     if args.available:
-        have = {r["name"] for r in rows}
+        have = {r["name"]: r for r in rows if r["kind"] == "algorithm"}
         for name, entry in load_registry().get("algorithms", {}).items():
-            src = entry.get("source")
-            install = "(built in)" if entry.get("builtin") else (f"pip install -e {src}" if src else f"pip install {entry['distribution']}")
-            available.append({"name": name, "distribution": entry.get("distribution", "posttrain"), "installed": name in have,
-                              "status": entry.get("status"), "summary": entry.get("summary", ""), "install": install})
+            got = have.get(name)
+            state = "not installed" if got is None else ("broken" if got["status"] == "broken" else "installed")
+            available.append({"name": name, "distribution": entry.get("distribution", "posttrain"), "installed": got is not None,
+                              "state": state, "version": got["version"] if got else None, "error": got.get("error") if got else None,
+                              "status": entry.get("status"), "summary": entry.get("summary", ""),
+                              "install": _install_command(entry)})
     if args.json:
         print(json.dumps({"installed": rows, **({"available": available} if args.available else {})}, indent=2))
         return 0
@@ -70,10 +107,10 @@ def cmd_plugins(args) -> int:
     if args.available:
         print("\nKnown plugins (registry.toml):")
         for a in available:
-            state = "installed" if a["installed"] else "not installed"
-            print(f"  {a['name']:<10} {state:<14} {a['summary']}")
-            if not a["installed"]:
-                print(f"      install: {a['install']}")
+            print(f"  {a['name']:<10} {a['state']:<14} {a['summary']}")
+            if a["state"] == "broken":
+                print(f"      error:   {a['error']}")
+            print(f"      install: {a['install']}")
     return 0
 
 
@@ -122,6 +159,22 @@ def cmd_show_config(args) -> int:
     return 0
 
 
+def cmd_new_plugin(args) -> int:
+    """Scaffold an installable algorithm plugin package."""
+    from .scaffold import ScaffoldError, new_plugin
+
+    try:
+        target, files = new_plugin(args.name, args.dir)
+    except ScaffoldError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"Created {target} (entry point '{args.name}', package posttrain_{args.name}):")
+    for f in files:
+        print(f"  {f}")
+    print(f"\nNext:\n  pip install -e {target}\n  pytest {target}\n  posttrain train {target / 'configs' / (args.name + '.yaml')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="posttrain", description="LLM post-training with algorithm plugins.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -129,6 +182,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.lr=1e-6")
     t.set_defaults(fn=cmd_train)
+    ev = sub.add_parser("eval", help="pass@k / avg@k / maj@k of models on benchmarks; JSON, Markdown table, plot")
+    ev.add_argument("--model", nargs="+", required=True, help="model directories or run directories (newest checkpoint)")
+    ev.add_argument("--benchmarks", nargs="+", required=True, help="names in configs/benchmarks/ or YAML paths")
+    ev.add_argument("--out", default="runs/eval", help="output directory (default: runs/eval)")
+    ev.add_argument("--resume", default="auto", choices=["auto", "never"],
+                    help="auto: reuse finished generations in OUT/generations (default); never: generate everything again")
+    ev.add_argument("overrides", nargs="*", help="key=value, e.g. n=4 max_new_tokens=256 rollout.batch_size=32 math500.n=4")
+    ev.set_defaults(fn=cmd_eval)
+    ex = sub.add_parser("experiment", help="run a grid of runs from a spec (resumable); results table and plots")
+    ex.add_argument("spec", help="experiment spec YAML, e.g. experiments/paper_claims.yaml")
+    ex.add_argument("--workers", type=int, default=1, help="runs in parallel (spawned processes; default 1)")
+    ex.add_argument("--smoke", action="store_true", help="1 step per stage, the first seed, the spec's smoke: settings")
+    ex.add_argument("--out", help="output directory (default: the spec's out:, with -smoke appended for --smoke)")
+    ex.add_argument("--only", help="comma-separated algorithm entries of the spec to run (default: all)")
+    ex.add_argument("--skip-missing", action="store_true", help="skip entries whose algorithm plugin is not installed")
+    ex.add_argument("--report-only", action="store_true", help="train nothing: rebuild the table and plots from finished runs")
+    ex.set_defaults(fn=cmd_experiment)
     pl = sub.add_parser("plugins", help="list installed algorithm and extension plugins")
     pl.add_argument("--available", action="store_true", help="also list the plugins registry.toml knows")
     pl.add_argument("--json", action="store_true")
@@ -141,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("overrides", nargs="*")
     sc.add_argument("--fields", action="store_true", help="list every field with its help text")
     sc.set_defaults(fn=cmd_show_config)
+    np_ = sub.add_parser("new-plugin", help="scaffold an installable algorithm plugin package (tests and a tiny config included)")
+    np_.add_argument("name", help="entry-point name: lowercase letters, digits, single underscores (e.g. my_gate)")
+    np_.add_argument("--dir", help="directory to create (default: ./posttrain-NAME); must not exist or be empty")
+    np_.set_defaults(fn=cmd_new_plugin)
     return p
 
 
