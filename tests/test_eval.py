@@ -304,6 +304,21 @@ def test_benchmarks_are_evaluated_during_training_and_logged(tiny, tmp_path):
     assert seen and seen[0].startswith("Problem: Which planet is closest to the Sun?")
 
 
+def test_benchmarks_alone_trigger_evaluation_without_a_held_out_split(tiny, tmp_path):
+    from posttrain.logging import read_metrics
+    from posttrain.run import train
+    from posttrain.testing import tiny_config
+
+    over = {"algorithm.name": "sft", "data.eval": None, "eval.max_new_tokens": 4, "eval.max_prompts": 2,
+            "eval.benchmarks": ["sample_choice"], "verifier.name": "choice"}
+    train(tiny_config(tiny, tmp_path / "run", algorithm="sft", steps=1, overrides=over), base=None)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1]  # scored before training and after the last step
+    for row in rows:
+        assert row["eval/sample_choice/pass@1"] == pytest.approx(row["eval/sample_choice/avg@1"])
+        assert "eval/accuracy" not in row  # no data.eval: no held-out accuracy is invented
+
+
 def test_markdown_table_rows_are_models_columns_benchmarks():
     results = {"base": {"aime24": {"avg@32": 0.1}, "math500": {"avg@1": 0.5}}, "hpt": {"aime24": {"avg@32": 0.33333}}}
     md = markdown_table(results, {"aime24": "avg@32", "math500": "avg@1"})

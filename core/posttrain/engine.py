@@ -85,6 +85,8 @@ class Engine:
         self.eval_examples = None
         if d.eval and config.eval.enabled:
             self.eval_examples = load_examples(d.eval, prompt_key=d.prompt_key, answer_key=d.answer_key, demo_keys=list(d.demo_keys))
+        # Evaluate when there is something to score: the held-out split and/or eval.benchmarks.
+        self._evaluates = config.eval.enabled and bool(self.eval_examples or config.eval.benchmarks)
         self.sampler = PromptSampler(self.examples, config.trainer.prompts_per_step, config.trainer.seed, d.shuffle)
         self.max_len = float(algo.loss_max_len or config.rollout.max_new_tokens) if hasattr(algo, "loss_max_len") else float(config.rollout.max_new_tokens)
         self._prompt_cache: dict[str, list[int]] = {}
@@ -113,14 +115,14 @@ class Engine:
         cfg = self.cfg
         self.hook.on_train_start(config=self.resolved, run_dir=str(self.run_dir))
         try:
-            if self.step == 0 and self.eval_examples:
+            if self.step == 0 and self._evaluates:
                 self.logger.log(0, self.evaluate())
             while self.step < cfg.trainer.steps:
                 start = self.step
                 metrics = self.train_step()
-                if self.eval_examples and cfg.eval.every and _crossed(start, self.step, cfg.eval.every) and self.step < cfg.trainer.steps:
+                if self._evaluates and cfg.eval.every and _crossed(start, self.step, cfg.eval.every) and self.step < cfg.trainer.steps:
                     metrics.update(self.evaluate())
-                if self.step >= cfg.trainer.steps and self.eval_examples:
+                if self.step >= cfg.trainer.steps and self._evaluates:
                     metrics.update(self.evaluate())
                 self.logger.log(self.step, metrics)
                 self.hook.on_step_end(step=self.step, metrics=dict(metrics))
@@ -320,14 +322,16 @@ class Engine:
     def evaluate(self) -> dict[str, float]:
         """Held-out accuracy and ``eval.benchmarks``, with its own RNG so evaluating never changes training."""
         e = self.cfg.eval
-        examples = self.eval_examples[: e.max_prompts] if e.max_prompts else self.eval_examples
         max_new = e.max_new_tokens or self.cfg.rollout.max_new_tokens
         params = SamplingParams(n=e.n, temperature=e.temperature, top_p=e.top_p, max_new_tokens=max_new)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.trainer.seed + 1_000_003)
             generator = self.rollout or hf_engine(self.backend.model, self.tokenizer, self.cfg.rollout)
-            out = evaluate_accuracy(generator, examples, self._verifier, params,
-                                    prompt_fn=lambda ex: self.make_group(ex).prompt_ids, progress=self._bars)
+            out: dict[str, float] = {}
+            if self.eval_examples:  # data.eval: held-out accuracy (eval/accuracy)
+                examples = self.eval_examples[: e.max_prompts] if e.max_prompts else self.eval_examples
+                out = evaluate_accuracy(generator, examples, self._verifier, params,
+                                        prompt_fn=lambda ex: self.make_group(ex).prompt_ids, progress=self._bars)
             if e.benchmarks:
                 from .eval import Prompting, evaluate_benchmarks_in_training, load_benchmarks
 
