@@ -136,7 +136,9 @@ def test_cli_train_and_show_config(model_dir, tmp_path):
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "trainer.lr_rate: unknown key. Did you mean 'lr'?" in bad.stderr
-    ok = subprocess.run([sys.executable, "-m", "posttrain.cli", "train", str(cfg_path)], capture_output=True, text=True)
+    # As the deepspeed launcher calls it: a trailing --local_rank=N is accepted (the rank comes from the env).
+    ok = subprocess.run([sys.executable, "-m", "posttrain.cli", "train", str(cfg_path), "--local_rank=0"],
+                        capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert "final checkpoint:" in ok.stdout
     assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1

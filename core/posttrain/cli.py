@@ -1,4 +1,4 @@
-"""``posttrain`` command line: train | eval | experiment | plugins | ls | show-config."""
+"""``posttrain`` command line: train | eval | experiment | plugins | ls | show-config | new-plugin."""
 
 from __future__ import annotations
 
@@ -24,9 +24,12 @@ def _user_errors():
 def cmd_train(args) -> int:
     from .run import train
 
+    from .distributed import is_main
+
     finals = train(args.config, args.overrides)
-    for f in finals:
-        print(f"final checkpoint: {f}")
+    if is_main():  # under a launcher every rank gets here; one line is enough
+        for f in finals:
+            print(f"final checkpoint: {f}")
     return 0
 
 
@@ -219,7 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from .distributed import strip_launcher_args
+
+    # The deepspeed launcher appends --local_rank=N to every process's arguments; the rank is
+    # read from the environment instead, so `deepspeed $(which posttrain) train ...` just works.
+    args = build_parser().parse_args(strip_launcher_args(sys.argv[1:] if argv is None else list(argv)))
     try:
         return args.fn(args)
     except _user_errors() as e:  # a user's mistake gets the message, not a traceback
