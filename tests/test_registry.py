@@ -70,3 +70,13 @@ def test_every_registered_config_validates():
             resolve_stages(load_config(ROOT / cfg), source=cfg)
     for path in sorted((ROOT / "configs" / "demo").glob("*.yaml")):
         resolve_stages(load_config(path), source=str(path))
+
+
+def test_malformed_registry_is_a_clear_error(tmp_path):
+    from posttrain.config import ConfigError
+
+    bad = tmp_path / "registry.toml"
+    bad.write_text("schema = 1\n[algorithms.x]\nsummary = \"unterminated\n")
+    with pytest.raises(ConfigError) as e:
+        load_registry(bad)
+    assert str(bad) in str(e.value) and "not valid TOML" in str(e.value) and "line 3" in str(e.value)

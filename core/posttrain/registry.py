@@ -19,5 +19,10 @@ def load_registry(path: str | Path | None = None) -> dict:
     path = Path(path) if path else repo_root() / "registry.toml"
     if not path.exists():
         return {}
-    with open(path, "rb") as f:
-        return tomllib.load(f)
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:  # a hand-edited index: say where, not a traceback
+        from .config import ConfigError
+
+        raise ConfigError([f"not valid TOML: {e}"], str(path)) from e
