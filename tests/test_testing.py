@@ -388,3 +388,13 @@ def test_two_step_run_names_the_hook(model_dir, tmp_path):
     with pytest.raises(PluginContractError, match=r"^on_step_end: raised RuntimeError: cannot write my_plugin/state.json "
                                                   r"at step 1 \(2-step run, step 1\)$"):
         check_two_step_run("grpo", tmp_path / "run", model_dir=model_dir, plugins=[BrokenAtStepEnd()])
+
+
+def test_tiny_tokenizer_is_one_token_per_character_newlines_included():
+    from posttrain.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    text = "Q: 1+2=\n\nA: \\boxed{3}"
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert len(ids) == len(text) and tok.unk_token_id not in ids
+    assert tok.decode(ids) == text
