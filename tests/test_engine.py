@@ -142,3 +142,19 @@ def test_cli_train_and_show_config(model_dir, tmp_path):
     assert ok.returncode == 0, ok.stderr
     assert "final checkpoint:" in ok.stdout
     assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
+
+
+def test_cli_accuracy_summary_reads_each_stage(tmp_path):
+    from posttrain.cli import accuracy_summary
+
+    stages = []
+    for name, rows in (("stage0-sft", [(0, 0.0), (5, None), (10, 0.25)]), ("stage1-grpo", [(0, 0.25), (4, 0.3125)])):
+        d = tmp_path / name
+        (d / "checkpoints" / "step-000010").mkdir(parents=True)
+        d.joinpath("metrics.jsonl").write_text("".join(
+            json.dumps({"step": s, **({} if a is None else {"eval/accuracy": a})}) + "\n" for s, a in rows))
+        stages.append(d / "checkpoints" / "step-000010")
+    assert accuracy_summary(stages) == [
+        "held-out accuracy (stage0-sft): 0.000 at step 0 -> 0.250 at step 10",
+        "held-out accuracy (stage1-grpo): 0.250 at step 0 -> 0.312 at step 4",
+    ]

@@ -30,7 +30,25 @@ def cmd_train(args) -> int:
     if is_main():  # under a launcher every rank gets here; one line is enough
         for f in finals:
             print(f"final checkpoint: {f}")
+        for line in accuracy_summary(finals):
+            print(line)
     return 0
+
+
+def accuracy_summary(finals: list[Path]) -> list[str]:
+    """One line per stage that evaluated: held-out accuracy at its first and last evaluation."""
+    from .logging import METRICS_FILE, read_metrics
+
+    lines = []
+    for final in finals:
+        run_dir = Path(final).parent.parent  # run_dir/checkpoints/step-NNNNNN
+        path = run_dir / METRICS_FILE
+        evals = [(r["step"], r["eval/accuracy"]) for r in read_metrics(path) if r.get("eval/accuracy") is not None] \
+            if path.exists() else []
+        if evals:
+            (s0, a0), (s1, a1) = evals[0], evals[-1]
+            lines.append(f"held-out accuracy ({run_dir.name}): {a0:.3f} at step {s0} -> {a1:.3f} at step {s1}")
+    return lines
 
 
 def cmd_eval(args) -> int:
