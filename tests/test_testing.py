@@ -398,3 +398,27 @@ def test_tiny_tokenizer_is_one_token_per_character_newlines_included():
     ids = tok(text, add_special_tokens=False).input_ids
     assert len(ids) == len(text) and tok.unk_token_id not in ids
     assert tok.decode(ids) == text
+
+
+def test_split_loss_matches_a_hand_computed_grpo_loss_for_any_split():
+    from posttrain.batching import build_train_batch
+    from posttrain.config import GRPOConfig
+    from posttrain.metrics import Metrics
+    from posttrain.plugins import make_plugin_manager
+    from posttrain.testing import fill_tokens, sized_group, split_loss, tiny_tokenizer
+    from posttrain.types import Route
+
+    g = sized_group([1.0, 0.0], [2, 3], demo_lens=(4,))
+    assert [len(m.response_ids) for m in g.members] == [2, 3] and len(g.demonstrations[0].response_ids) == 4
+    pm, cfg = make_plugin_manager("grpo"), GRPOConfig()
+    batch = build_train_batch([g], [Route()], tiny_tokenizer().pad_token_id)
+    batch.advantages = pm.hook.compute_advantage(batch=batch, config=cfg, step=0, metrics=Metrics())
+    a = 0.5 / (2 ** -0.5 + 1e-6)  # (r − mean) / (unbiased std + eps): ±0.70711
+    lp = fill_tokens(batch, [-1.0, [-0.5, -1.5, -2.0]])  # ρ = 1 (π_old is the current policy)
+    whole = split_loss(pm.hook, cfg, batch, [[0, 1]], lp)
+    apart = split_loss(pm.hook, cfg, batch, [[0], [1]], lp)
+    # token-mean over 5 tokens of −A·ρ: −(2a − 3a)/5
+    assert whole.total == pytest.approx(a / 5, rel=1e-5) and whole.parts == pytest.approx({"pg": a / 5}, rel=1e-5)
+    assert apart.total == pytest.approx(whole.total, rel=1e-6)
+    assert torch.allclose(whole.logprob_grad, fill_tokens(batch, [-a / 5, a / 5]), atol=1e-6)
+    assert torch.allclose(apart.logprob_grad, whole.logprob_grad, atol=1e-7) and whole.entropy_grad is None

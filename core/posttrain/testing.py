@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import string
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -92,6 +93,84 @@ def tiny_group(rewards: Sequence[float], *, demos: Sequence[str] = ("1+1=2 \\box
     ex = Example(prompt=prompt, answer=answer, demonstrations=list(demos), uid=uid)
     return PromptGroup(example=ex, prompt_ids=tok(prompt, add_special_tokens=False).input_ids, members=members,
                        demonstrations=demo_trajs)
+
+
+def sized_group(rewards: Sequence[float], lens: Sequence[int], *, demo_lens: Sequence[int] = (3,), uid: str = "tiny:1",
+                demo_reward: float | None = 1.0) -> PromptGroup:
+    """A verified group with chosen token counts (EOS included), for losses computed by hand.
+
+    Rollout i is token 10 repeated ``lens[i] − 1`` times, then EOS, sampled at log-prob −1 per
+    token; demonstration t (one per entry of ``demo_lens``) is token 11 + t repeated, then EOS.
+    """
+    eos = tiny_tokenizer().eos_token_id
+    g = tiny_group(rewards, uid=uid, demos=tuple(f"demo{t}" for t in range(len(demo_lens))), demo_reward=demo_reward)
+    for m, n in zip(g.members, lens):
+        m.response_ids = [10] * (n - 1) + [eos]
+        m.sampling_logprobs = [-1.0] * n
+    for d, n in zip(g.demonstrations, demo_lens):
+        d.response_ids = [11 + d.teacher] * (n - 1) + [eos]
+    return g
+
+
+def fill_tokens(batch: Any, values: Sequence[Any]) -> torch.Tensor:
+    """[N, L]: row i's response tokens set from ``values[i]`` (a number, or one number per token), 0 on padding."""
+    out = torch.zeros(batch.response_mask.shape)
+    for i, v in enumerate(values):
+        n = int(batch.response_mask[i].sum())
+        out[i, :n] = torch.tensor(v if isinstance(v, list) else [float(v)] * n)
+    return out
+
+
+@dataclass
+class SplitLoss:
+    """What ``split_loss`` returns: the loss summed over micro-batches, each term's sum, and the
+    gradients of that loss w.r.t. the given log-probs and entropy ([N, L]; None without entropy)."""
+
+    total: float
+    parts: dict[str, float]
+    logprob_grad: torch.Tensor
+    entropy_grad: torch.Tensor | None
+
+
+def split_loss(hook: Any, config: Any, batch: Any, split: Sequence[Sequence[int]], logprobs: torch.Tensor,
+               entropy: torch.Tensor | None = None, *, needs: Any = None, max_len: float = 16,
+               metrics: Any = None, step: int = 0) -> SplitLoss:
+    """Run the engine's own loss path on ``batch`` split into the micro-batches ``split`` (row
+    indices), with the policy's forward pass replaced by the given ``logprobs`` [N, L] (and
+    ``entropy`` [N, L]). Loss tests then compare numbers and gradients with hand computations,
+    and two splits of one mini-batch with each other (micro-batching must not change the update).
+    ``batch.advantages`` must be set; ``max_len`` is the L_max of ``token-sum-norm``.
+    """
+    from unittest import mock
+
+    from . import loss as loss_module
+    from .batching import totals_of, trim_padding
+    from .metrics import Metrics
+    from .types import ModelOutputs, Needs
+
+    lp = logprobs.clone().requires_grad_(True)
+    ent = entropy.clone().requires_grad_(True) if entropy is not None else None
+    batch = batch.with_(extras={**batch.extras, "_split_loss_row": torch.arange(len(batch))})
+
+    def forward(model, micro, **kw):  # stands in for the policy's chunked forward pass
+        rows, width = micro.extras["_split_loss_row"], micro.response_ids.shape[1]
+        return ModelOutputs(logprobs=lp[rows, :width],
+                            entropy=ent[rows, :width] if ent is not None else torch.zeros(len(rows), width))
+
+    needs = needs if needs is not None else Needs(entropy=entropy is not None)
+    metrics = metrics if metrics is not None else Metrics()
+    totals = totals_of(batch, max_len=max_len, micro_batches=len(split))
+    total, parts = 0.0, {}
+    with mock.patch.object(loss_module, "policy_outputs", forward):
+        for rows in split:
+            micro = trim_padding(batch.select(torch.as_tensor(list(rows)))).with_(totals=totals)
+            terms, _ = loss_module.micro_batch_loss(hook, config, step, None, micro, metrics, needs=needs)
+            for t in terms:
+                parts[t.name] = parts.get(t.name, 0.0) + float(t.value.detach())
+            loss = sum(t.value for t in terms)
+            loss.backward()
+            total += float(loss.detach())
+    return SplitLoss(total, parts, lp.grad, ent.grad if ent is not None else None)
 
 
 def tiny_groups(demonstrations: bool = True) -> dict[str, PromptGroup]:

@@ -18,13 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import posttrain.loss
 from posttrain import ModelOutputs, Route, hookimpl
-from posttrain.batching import build_train_batch, micro_batch_rows, totals_of, trim_padding
+from posttrain.batching import build_train_batch, micro_batch_rows, totals_of
 from posttrain.config import validate_algorithm
 from posttrain.metrics import Metrics
 from posttrain.plugins import make_plugin_manager
-from posttrain.testing import tiny_group, tiny_tokenizer
+from posttrain.testing import fill_tokens, sized_group, split_loss, tiny_group, tiny_tokenizer
 from posttrain.verify import VerifyResult
 from posttrain_dypo import plugin as dypo
 from posttrain_dypo.plugin import DYPOConfig, group_alignment_loss, pick_teacher
@@ -50,13 +49,7 @@ def pm():
 
 def group(rewards, lens, uid, *, demo_lens=(3,)):
     """A verified group whose rollouts have the given token counts (EOS included)."""
-    g = tiny_group(rewards, uid=uid, demos=tuple(f"demo{i}" for i in range(len(demo_lens))))
-    for m, n in zip(g.members, lens):
-        m.response_ids = [10] * (n - 1) + [EOS]
-        m.sampling_logprobs = [-1.0] * n
-    for d, n in zip(g.demonstrations, demo_lens):
-        d.response_ids = [11 + d.teacher] * (n - 1) + [EOS]
-    return g
+    return sized_group(rewards, lens, demo_lens=demo_lens, uid=uid)
 
 
 def route_all(pm, cfg, groups, metrics=None, step=0):
@@ -66,41 +59,18 @@ def route_all(pm, cfg, groups, metrics=None, step=0):
 
 def make_batch(pm, cfg, groups, routes):
     batch = build_train_batch(groups, routes, PAD)
-    batch.extras["row"] = torch.arange(len(batch))  # lets the stand-in forward find a micro-batch's rows
     batch.advantages = pm.hook.compute_advantage(batch=batch, config=cfg, step=0, metrics=Metrics())
     return batch
 
 
-def fill(batch, values):
-    """[N, L] tensor with row i's real tokens set from values[i] (a number or a list), 0 on padding."""
-    out = torch.zeros(batch.response_mask.shape)
-    for i, v in enumerate(values):
-        n = int(batch.response_mask[i].sum())
-        out[i, :n] = torch.tensor(v if isinstance(v, list) else [float(v)] * n)
-    return out
+fill = fill_tokens  # [N, L] from per-row values
 
 
-def run_split(pm, cfg, batch, split, logprobs, monkeypatch, metrics=None):
+def run_split(pm, cfg, batch, split, logprobs, metrics=None):
     """Loss of a mini-batch processed as the given micro-batches; returns (total, parts, ∂/∂logp)."""
-    lp = logprobs.clone().requires_grad_(True)
-
-    def forward(model, micro, **kw):  # stands in for the policy's chunked forward pass
-        rows, width = micro.extras["row"], micro.response_ids.shape[1]
-        return ModelOutputs(logprobs=lp[rows, :width], entropy=torch.zeros(len(rows), width))
-
-    monkeypatch.setattr(posttrain.loss, "policy_outputs", forward)
-    needs = pm.hook.requirements(config=cfg)
-    totals = totals_of(batch, max_len=16, micro_batches=len(split))
-    total, parts = 0.0, {}
-    for rows in split:
-        micro = trim_padding(batch.select(torch.as_tensor(rows))).with_(totals=totals)
-        terms, _ = posttrain.loss.micro_batch_loss(pm.hook, cfg, 0, None, micro, metrics or Metrics(), needs=needs)
-        for t in terms:
-            parts[t.name] = parts.get(t.name, 0.0) + float(t.value.detach())
-        loss = sum(t.value for t in terms)
-        loss.backward()
-        total += float(loss.detach())
-    return total, parts, lp.grad
+    r = split_loss(pm.hook, cfg, batch, split, logprobs, needs=pm.hook.requirements(config=cfg), max_len=16,
+                   metrics=metrics)
+    return r.total, r.parts, r.logprob_grad
 
 
 # --- config -----------------------------------------------------------------------------------------
@@ -350,11 +320,11 @@ def test_all_three_grades_in_one_batch(pm):
     assert s["dypo/teacher_1"] == 1.0 and "dypo/teacher_0" not in s
 
 
-def test_all_three_grades_loss_and_gradient(pm, monkeypatch):
+def test_all_three_grades_loss_and_gradient(pm):
     cfg = DYPOConfig(sft_coef=0.5)
     _, batch, lp = three_grade_batch(pm, cfg)
     m = Metrics()
-    total, parts, grad = run_split(pm, cfg, batch, [[0, 1, 2, 3]], lp, monkeypatch, m)
+    total, parts, grad = run_split(pm, cfg, batch, [[0, 1, 2, 3]], lp, m)
     assert parts == pytest.approx({"pg": 0.5 * GRPO_MID, "gal": 0.5 * GAL_MID, "sft": 0.5 * 8 / 4})
     assert GRPO_MID == pytest.approx(-0.1154699, abs=1e-7) and GAL_MID == pytest.approx(0.2573375, abs=1e-7)
     assert total == pytest.approx(-0.0577349 + 0.1286687 + 1.0, abs=1e-6)
@@ -368,11 +338,11 @@ def test_all_three_grades_loss_and_gradient(pm, monkeypatch):
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.2, 0.5, 1.0])
-def test_alpha_mixes_grpo_and_gal(pm, monkeypatch, alpha):
+def test_alpha_mixes_grpo_and_gal(pm, alpha):
     """Mid rows: α·L_GRPO + (1−α)·L_GAL, value and gradient; the SFT term does not depend on α."""
     cfg = DYPOConfig(alpha=alpha, sft_coef=0.5)
     _, batch, lp = three_grade_batch(pm, cfg)
-    total, parts, grad = run_split(pm, cfg, batch, [[0, 1, 2, 3]], lp, monkeypatch)
+    total, parts, grad = run_split(pm, cfg, batch, [[0, 1, 2, 3]], lp)
     expected = {"sft": 1.0}
     if alpha > 0:
         expected["pg"] = alpha * GRPO_MID
@@ -383,22 +353,22 @@ def test_alpha_mixes_grpo_and_gal(pm, monkeypatch, alpha):
     assert torch.allclose(grad, fill(batch, [-0.5 / 4] + mid), atol=1e-7)
 
 
-def test_grpo_part_is_clipped_at_eps(pm, monkeypatch):
+def test_grpo_part_is_clipped_at_eps(pm):
     """ρ = π_θ/π_old outside [0.8, 1.2] on the side the advantage pushes: no gradient (ε = 0.2)."""
     cfg = DYPOConfig(alpha=1.0, sft_coef=0.5)
     _, batch, lp = three_grade_batch(pm, cfg)
     # π_old chosen so ρ = e^{0.3} = 1.35 on mid0 (Â > 0: clipped), e^{−0.3} = 0.74 on mid1 (Â < 0: clipped),
     # ρ = e^{0.1} = 1.105 on mid2 (inside: kept, gradient −Â·ρ/5)
     batch.old_logprobs = lp - fill(batch, [0.0, 0.3, -0.3, 0.1])
-    _, _, grad = run_split(pm, cfg, batch, [[0, 1, 2, 3]], lp, monkeypatch)
+    _, _, grad = run_split(pm, cfg, batch, [[0, 1, 2, 3]], lp)
     assert torch.allclose(grad, fill(batch, [-0.5 / 4, 0.0, 0.0, -A_MID[2] * math.exp(0.1) / 5]), atol=1e-6)
 
 
-def test_kl_sits_inside_the_grpo_part(pm, monkeypatch):
+def test_kl_sits_inside_the_grpo_part(pm):
     """β_KL > 0: α·β_KL·token-mean k3 KL over mid tokens (Eq. 21 puts the KL inside L_GRPO)."""
     cfg = DYPOConfig(sft_coef=0.5, kl_coef=0.1)
     _, batch, lp = three_grade_batch(pm, cfg)
-    _, parts, _ = run_split(pm, cfg, batch, [[0, 1, 2, 3]], lp, monkeypatch)
+    _, parts, _ = run_split(pm, cfg, batch, [[0, 1, 2, 3]], lp)
     k3 = lambda x: math.exp(x) - x - 1  # noqa: E731  x = log π_ref − log π_θ per token: −0.5 (×2), +0.5, 0 (×2)
     assert parts["kl"] == pytest.approx(0.5 * 0.1 * (2 * k3(-0.5) + k3(0.5)) / 5)
     assert parts["kl"] == pytest.approx(0.0036178, abs=1e-7)
@@ -415,26 +385,26 @@ def test_missing_reference_log_probs_is_a_clear_error(pm):
 
 
 @pytest.mark.parametrize("beta", [1.0, 2.0])
-def test_gal_against_pi_old_is_log2_with_half_beta_token_gradient(pm, monkeypatch, beta):
+def test_gal_against_pi_old_is_log2_with_half_beta_token_gradient(pm, beta):
     """gal_reference: old on the first update: d = 0, L_GAL = log 2, ∂/∂logp_t = ∓β/2 on τ_s / τ_f tokens."""
     cfg = DYPOConfig(alpha=0.0, gal_beta=beta, gal_reference="old")
     groups = [group([1, 0], [3, 2], "one-pair")]
     batch = make_batch(pm, cfg, groups, route_all(pm, cfg, groups))
     assert batch.ref_logprobs is None  # no reference model asked for
     lp = fill(batch, [[-0.1, -2.0, -0.7], [-1.3, -0.2]])
-    total, parts, grad = run_split(pm, cfg, batch, [[0, 1]], lp, monkeypatch)
+    total, parts, grad = run_split(pm, cfg, batch, [[0, 1]], lp)
     assert parts == pytest.approx({"gal": LOG2})
     assert torch.allclose(grad, fill(batch, [-beta / 2, beta / 2]), atol=1e-7)
 
 
-def test_gal_length_normalised(pm, monkeypatch):
+def test_gal_length_normalised(pm):
     """gal_length_norm: z = token mean of log π_θ − log π_ref, so ∂z/∂logp_t = 1/|τ|."""
     cfg = DYPOConfig(alpha=0.0, gal_length_norm=True)
     groups = [group([1, 0], [3, 2], "one-pair")]
     batch = make_batch(pm, cfg, groups, route_all(pm, cfg, groups))
     lp = fill(batch, [-1.0, -1.0])
     batch.ref_logprobs = fill(batch, [[-1.0, -2.0, -3.0], [-1.0, -1.0]])  # z_s = (0+1+2)/3 = 1, z_f = 0
-    total, parts, grad = run_split(pm, cfg, batch, [[0, 1]], lp, monkeypatch)
+    total, parts, grad = run_split(pm, cfg, batch, [[0, 1]], lp)
     assert parts == pytest.approx({"gal": sp(1.0)})  # token sums would give sp(3)
     assert torch.allclose(grad, fill(batch, [-sg(-1.0) / 3, sg(-1.0) / 2]), atol=1e-7)
 
@@ -442,7 +412,7 @@ def test_gal_length_normalised(pm, monkeypatch):
 # --- micro-batching ---------------------------------------------------------------------------------------
 
 
-def test_micro_batch_invariance_with_whole_groups(pm, monkeypatch):
+def test_micro_batch_invariance_with_whole_groups(pm):
     """Hard + two mid prompts: one micro-batch, one per prompt, and the core's whole_groups split agree.
 
     The second mid prompt [0,1,1] has logp −0.5, π_ref −0.7 per token, lengths [1,2,3]: z = [.2,.4,.6].
@@ -450,17 +420,17 @@ def test_micro_batch_invariance_with_whole_groups(pm, monkeypatch):
     cfg = DYPOConfig(sft_coef=0.5)
     _, batch, lp = three_grade_batch(pm, cfg, extra=[group([0, 1, 1], [1, 2, 3], "mid2")])
     assert batch.prompt_index.tolist() == [1, 2, 2, 2, 3, 3, 3]
-    whole = run_split(pm, cfg, batch, [list(range(7))], lp, monkeypatch)
+    whole = run_split(pm, cfg, batch, [list(range(7))], lp)
     gal2 = (sp(0.2) + sp(0.4)) / 2
     assert whole[1]["gal"] == pytest.approx(0.5 * (GAL_MID + gal2) / 2)  # mean over the two mid groups
     by_prompt = micro_batch_rows(batch, token_budget=1, whole_groups=True)
     assert [r.tolist() for r in by_prompt] == [[0], [1, 2, 3], [4, 5, 6]]
     for split in (by_prompt, [[0, 4, 5, 6], [1, 2, 3]]):
-        total, parts, grad = run_split(pm, cfg, batch, split, lp, monkeypatch)
+        total, parts, grad = run_split(pm, cfg, batch, split, lp)
         assert total == pytest.approx(whole[0], rel=1e-6) and parts == pytest.approx(whole[1], rel=1e-6)
         assert torch.allclose(grad, whole[2], atol=1e-7)
     # what whole_groups prevents: one row per micro-batch leaves no pair, and GAL vanishes
-    per_row = run_split(pm, cfg, batch, [[i] for i in range(7)], lp, monkeypatch)
+    per_row = run_split(pm, cfg, batch, [[i] for i in range(7)], lp)
     assert per_row[1]["gal"] == 0.0 and per_row[1]["pg"] == pytest.approx(whole[1]["pg"])
 
 

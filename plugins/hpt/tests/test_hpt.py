@@ -15,14 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import posttrain.loss
 from posttrain import ModelOutputs, Needs, Route
 from posttrain import functional as F
 from posttrain.batching import build_train_batch, totals_of, trim_padding
 from posttrain.config import validate_algorithm
 from posttrain.metrics import Metrics
 from posttrain.plugins import make_plugin_manager
-from posttrain.testing import tiny_group, tiny_tokenizer
+from posttrain.testing import fill_tokens, sized_group, split_loss, tiny_group, tiny_tokenizer
 from posttrain_hpt import plugin as hpt
 from posttrain_hpt.plugin import HPTConfig
 
@@ -37,15 +36,9 @@ def pm():
     return make_plugin_manager("hpt")
 
 
-def group(rewards, lens, demo_len, uid, *, demo_reward=1.0, demos=("demo",)):
+def group(rewards, lens, demo_len, uid, *, demo_reward=1.0):
     """A verified group whose rollouts have the given token counts (EOS included)."""
-    g = tiny_group(rewards, uid=uid, demos=demos, demo_reward=demo_reward)
-    for m, n in zip(g.members, lens):
-        m.response_ids = [10] * (n - 1) + [EOS]
-        m.sampling_logprobs = [-1.0] * n
-    for d in g.demonstrations:
-        d.response_ids = [11] * (demo_len - 1) + [EOS]
-    return g
+    return sized_group(rewards, lens, demo_lens=(demo_len,), uid=uid, demo_reward=demo_reward)
 
 
 def route_all(pm, cfg, groups, metrics=None):
@@ -57,41 +50,17 @@ def route_all(pm, cfg, groups, metrics=None):
 
 def make_batch(pm, cfg, groups, routes):
     batch = build_train_batch(groups, routes, PAD)
-    batch.extras["row"] = torch.arange(len(batch))  # lets the stand-in forward find a micro-batch's rows
     batch.advantages = pm.hook.compute_advantage(batch=batch, config=cfg, step=0, metrics=Metrics())
     return batch
 
 
-def fill(batch, values):
-    """[N, L] tensor with row i's real tokens set from values[i] (a number or a list), 0 on padding."""
-    out = torch.zeros(batch.response_mask.shape)
-    for i, v in enumerate(values):
-        n = int(batch.response_mask[i].sum())
-        out[i, :n] = torch.tensor(v if isinstance(v, list) else [float(v)] * n)
-    return out
+fill = fill_tokens  # [N, L] from per-row values
 
 
-def run_split(pm, cfg, batch, split, logprobs, entropy, monkeypatch):
+def run_split(pm, cfg, batch, split, logprobs, entropy):
     """Loss of a mini-batch processed as the given micro-batches; returns (total, parts, grads)."""
-    lp = logprobs.clone().requires_grad_(True)
-    ent = entropy.clone().requires_grad_(True)
-
-    def forward(model, micro, **kw):  # stands in for the policy's chunked forward pass
-        rows, width = micro.extras["row"], micro.response_ids.shape[1]
-        return ModelOutputs(logprobs=lp[rows, :width], entropy=ent[rows, :width])
-
-    monkeypatch.setattr(posttrain.loss, "policy_outputs", forward)
-    totals = totals_of(batch, max_len=L_MAX, micro_batches=len(split))
-    total, parts = 0.0, {}
-    for rows in split:
-        micro = trim_padding(batch.select(torch.tensor(rows))).with_(totals=totals)
-        terms, _ = posttrain.loss.micro_batch_loss(pm.hook, cfg, 0, None, micro, Metrics(), needs=Needs(entropy=True))
-        for t in terms:
-            parts[t.name] = parts.get(t.name, 0.0) + float(t.value.detach())
-        loss = sum(t.value for t in terms)
-        loss.backward()
-        total += float(loss.detach())
-    return total, parts, lp.grad, ent.grad
+    r = split_loss(pm.hook, cfg, batch, split, logprobs, entropy, needs=Needs(entropy=True), max_len=L_MAX)
+    return r.total, r.parts, r.logprob_grad, r.entropy_grad
 
 
 # --- config ---------------------------------------------------------------------------------------
@@ -204,10 +173,10 @@ def test_advantage_is_dr_grpo(pm):
     assert batch.advantages[1:9].tolist() == [0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]  # r − mean, no std
 
 
-def test_invariant_loss_and_gradient(pm, monkeypatch):
+def test_invariant_loss_and_gradient(pm):
     cfg = HPTConfig()
     batch, lp, ent = sft_on_batch(pm, cfg)
-    total, parts, g_lp, g_ent = run_split(pm, cfg, batch, [list(range(10))], lp, ent, monkeypatch)
+    total, parts, g_lp, g_ent = run_split(pm, cfg, batch, [list(range(10))], lp, ent)
     pg = -(0.5 * 3 - 0.5 * 1 - 0.5 * 2 + 0.5 * 2) / L_MAX  # −Σ_i A_i·|y_i| / L_max = −1/16
     sft = (8 + 1) / 6  # token-mean NLL over the mini-batch's 6 demo tokens
     ent_term = -0.001 * (6 * 1.0 + 16 * 2.0) / 22  # −0.001 × token-mean entropy over all 22 tokens
@@ -220,21 +189,21 @@ def test_invariant_loss_and_gradient(pm, monkeypatch):
     assert torch.allclose(g_ent, -0.001 / 22 * batch.token_mask, atol=1e-9)
 
 
-def test_invariant_mode_does_not_depend_on_micro_batching(pm, monkeypatch):
+def test_invariant_mode_does_not_depend_on_micro_batching(pm):
     cfg = HPTConfig()
     batch, lp, ent = sft_on_batch(pm, cfg)
-    whole = run_split(pm, cfg, batch, [list(range(10))], lp, ent, monkeypatch)  # 1 micro-batch of N rows
-    rows = run_split(pm, cfg, batch, [[i] for i in range(10)], lp, ent, monkeypatch)  # N micro-batches of 1 row
+    whole = run_split(pm, cfg, batch, [list(range(10))], lp, ent)  # 1 micro-batch of N rows
+    rows = run_split(pm, cfg, batch, [[i] for i in range(10)], lp, ent)  # N micro-batches of 1 row
     assert rows[0] == pytest.approx(whole[0], rel=1e-6)
     assert rows[1] == pytest.approx(whole[1], rel=1e-6)
     assert torch.allclose(rows[2], whole[2], atol=1e-7) and torch.allclose(rows[3], whole[3], atol=1e-9)
 
 
-def test_official_mode_reproduces_per_micro_batch_numbers(pm, monkeypatch):
+def test_official_mode_reproduces_per_micro_batch_numbers(pm):
     cfg = HPTConfig(aggregation="official")
     batch, lp, ent = sft_on_batch(pm, cfg)
     split = [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]  # [demo1 + mixed], [all-right + demo2]
-    total, parts, g_lp, g_ent = run_split(pm, cfg, batch, split, lp, ent, monkeypatch)
+    total, parts, g_lp, g_ent = run_split(pm, cfg, batch, split, lp, ent)
     # micro-batch 1: SFT 8/4 = 2;   PG −1/16;  entropy mean (4·1 + 8·2)/12 = 20/12
     # micro-batch 2: SFT 1/2 = 0.5; PG 0;      entropy mean (8·2 + 2·1)/10 = 1.8
     assert parts["sft"] == pytest.approx(2.0 + 0.5)
@@ -247,7 +216,7 @@ def test_official_mode_reproduces_per_micro_batch_numbers(pm, monkeypatch):
     expected_ent = fill(batch, [-0.001 / 12] * 5 + [-0.001 / 10] * 5)
     assert torch.allclose(g_ent, expected_ent, atol=1e-9)
     # one micro-batch per mini-batch: the official loss is the invariant loss
-    one = run_split(pm, cfg, batch, [list(range(10))], lp, ent, monkeypatch)
+    one = run_split(pm, cfg, batch, [list(range(10))], lp, ent)
     assert one[0] == pytest.approx(-1 / 16 + 9 / 6 - 0.001 * 38 / 22)
 
 
@@ -268,7 +237,7 @@ def test_official_build_loss_called_directly(pm):
     assert hpt.build_loss(batch=micro, outputs=None, advantages=adv, ratio=None, mask=None, config=HPTConfig()) is None
 
 
-def test_linear_gate_loss(pm, monkeypatch):
+def test_linear_gate_loss(pm):
     """c = 1 of 4 with ramp [0, 0.5]: P = .25 → α = β = 0.5 on one prompt."""
     cfg = HPTConfig(gate="linear", entropy_coef=0.0)
     groups, routes = route_all(pm, cfg, [group([1, 0, 0, 0], [3, 1, 2, 2], 4, "lin")])
@@ -276,7 +245,7 @@ def test_linear_gate_loss(pm, monkeypatch):
     batch = make_batch(pm, cfg, groups, routes)  # rows: 4 rollouts (rl .5), then the demo (sft .5)
     assert batch.advantages[:4].tolist() == [0.75, -0.25, -0.25, -0.25]
     lp = fill(batch, [-1.0] * 4 + [[-1.0, -2.0, -3.0, -2.0]])
-    total, parts, g_lp, _ = run_split(pm, cfg, batch, [[0, 1, 2, 3, 4]], lp, torch.zeros_like(lp), monkeypatch)
+    total, parts, g_lp, _ = run_split(pm, cfg, batch, [[0, 1, 2, 3, 4]], lp, torch.zeros_like(lp))
     # PG: −α·Σ A_i|y_i| / 16 = −0.5·(0.75·3 − 0.25·(1+2+2))/16 = −0.5/16;  SFT: β·8/4 = 1
     assert parts == pytest.approx({"pg": -0.5 / 16, "sft": 1.0})
     expected = fill(batch, [-0.5 * 0.75 / 16] + [0.5 * 0.25 / 16] * 3 + [-0.5 / 4])
@@ -332,12 +301,12 @@ def test_variant_denominator_and_shaping(pm):
 
 
 @pytest.mark.parametrize("variant", ["off_on", "mix_on"])
-def test_variant_loss_and_gradient(pm, monkeypatch, variant):
+def test_variant_loss_and_gradient(pm, variant):
     cfg = HPTConfig(variant=variant)
     _, _, batch = variant_batch(pm, cfg)
     lp = fill(batch, [[math.log(p) for p in DEMO_P]] + [-1.0] * 4)
     ent = fill(batch, [1.0] + [2.0] * 4)
-    total, parts, g_lp, _ = run_split(pm, cfg, batch, [[0, 1, 2, 3, 4]], lp, ent, monkeypatch)
+    total, parts, g_lp, _ = run_split(pm, cfg, batch, [[0, 1, 2, 3, 4]], lp, ent)
     pg = -(1.0 * F_SUM + 1.0) / L_MAX  # demo −A·Σf = −2.333333, mixed −Σ A|y| = −1; /16 → −0.2083333
     ent_term = -0.001 * (4 * 1.0 + 8 * 2.0) / 12
     assert parts["pg"] == pytest.approx(pg) and parts["entropy"] == pytest.approx(ent_term)

@@ -15,14 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import posttrain.loss
-from posttrain import ModelOutputs, Needs, Route
+from posttrain import Needs, Route
 from posttrain import functional as F
-from posttrain.batching import build_train_batch, totals_of, trim_padding
+from posttrain.batching import build_train_batch
 from posttrain.config import validate_algorithm
 from posttrain.metrics import Metrics
 from posttrain.plugins import make_plugin_manager
-from posttrain.testing import tiny_group, tiny_tokenizer
+from posttrain.testing import fill_tokens, sized_group, split_loss, tiny_group, tiny_tokenizer
 from posttrain_luffy.plugin import LUFFYConfig
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -36,15 +35,9 @@ def pm():
     return make_plugin_manager("luffy")
 
 
-def group(rewards, lens, demo_len, uid, *, demo_reward=1.0, demos=("demo",)):
+def group(rewards, lens, demo_len, uid, *, demo_reward=1.0):
     """A verified group whose rollouts have the given token counts (EOS included)."""
-    g = tiny_group(rewards, uid=uid, demos=demos, demo_reward=demo_reward)
-    for m, n in zip(g.members, lens):
-        m.response_ids = [10] * (n - 1) + [EOS]
-        m.sampling_logprobs = [-1.0] * n
-    for d in g.demonstrations:
-        d.response_ids = [11] * (demo_len - 1) + [EOS]
-    return g
+    return sized_group(rewards, lens, demo_lens=(demo_len,), uid=uid, demo_reward=demo_reward)
 
 
 def compose_and_batch(pm, cfg, groups, metrics=None):
@@ -52,42 +45,18 @@ def compose_and_batch(pm, cfg, groups, metrics=None):
     groups = [pm.hook.compose_group(group=g, config=cfg, step=0, metrics=metrics) for g in groups]
     routes = [pm.hook.route_group(group=g, config=cfg, step=0, metrics=metrics) for g in groups]
     batch = build_train_batch(groups, routes, PAD)
-    batch.extras["row"] = torch.arange(len(batch))  # lets the stand-in forward find a micro-batch's rows
     batch.advantages = pm.hook.compute_advantage(batch=batch, config=cfg, step=0, metrics=metrics)
     return groups, routes, batch
 
 
-def fill(batch, values):
-    """[N, L] tensor with row i's real tokens set from values[i] (a number or a list), 0 on padding."""
-    out = torch.zeros(batch.response_mask.shape)
-    for i, v in enumerate(values):
-        n = int(batch.response_mask[i].sum())
-        out[i, :n] = torch.tensor(v if isinstance(v, list) else [float(v)] * n)
-    return out
+fill = fill_tokens  # [N, L] from per-row values
 
 
-def run_split(pm, cfg, batch, split, logprobs, entropy, monkeypatch, metrics=None):
+def run_split(pm, cfg, batch, split, logprobs, entropy, metrics=None):
     """Loss of a mini-batch processed as the given micro-batches; returns (total, parts, ∂/∂logp, ∂/∂H)."""
-    lp = logprobs.clone().requires_grad_(True)
-    ent = entropy.clone().requires_grad_(True)
-
-    def forward(model, micro, **kw):  # stands in for the policy's chunked forward pass
-        rows, width = micro.extras["row"], micro.response_ids.shape[1]
-        return ModelOutputs(logprobs=lp[rows, :width], entropy=ent[rows, :width])
-
-    monkeypatch.setattr(posttrain.loss, "policy_outputs", forward)
-    totals = totals_of(batch, max_len=L_MAX, micro_batches=len(split))
-    total, parts = 0.0, {}
-    for rows in split:
-        micro = trim_padding(batch.select(torch.tensor(rows))).with_(totals=totals)
-        terms, _ = posttrain.loss.micro_batch_loss(pm.hook, cfg, 0, None, micro, metrics or Metrics(),
-                                                   needs=Needs(entropy=True))
-        for t in terms:
-            parts[t.name] = parts.get(t.name, 0.0) + float(t.value.detach())
-        loss = sum(t.value for t in terms)
-        loss.backward()
-        total += float(loss.detach())
-    return total, parts, lp.grad, ent.grad
+    r = split_loss(pm.hook, cfg, batch, split, logprobs, entropy, needs=Needs(entropy=True), max_len=L_MAX,
+                   metrics=metrics)
+    return r.total, r.parts, r.logprob_grad, r.entropy_grad
 
 
 # --- config ---------------------------------------------------------------------------------------
@@ -255,12 +224,12 @@ def loss_batch(pm, cfg, rewards_b=(1, 0, 1)):
     return batch, lp, ent
 
 
-def test_on_and_off_loss_parts(pm, monkeypatch):
+def test_on_and_off_loss_parts(pm):
     cfg = LUFFYConfig()
     batch, lp, ent = loss_batch(pm, cfg)
     assert batch.advantages.tolist() == pytest.approx([-0.25] * 3 + [0.75, 0.25, -0.75, 0.25, 0.25])
     m = Metrics()
-    total, parts, g_lp, g_ent = run_split(pm, cfg, batch, [list(range(8))], lp, ent, monkeypatch, m)
+    total, parts, g_lp, g_ent = run_split(pm, cfg, batch, [list(range(8))], lp, ent, m)
     pg_on = -(-0.25 * (2 + 3 + 1) + 0.25 * 2 - 0.75 * 2 + 0.25 * 2) / L_MAX  # −Σ A_i·|y_i|·ρ / L_max = +0.125
     pg_off = -(0.75 * F_A + 0.25 * F_B) / L_MAX  # −Σ A·f(p) / L_max = −2.375/16
     ent_term = -0.001 * (12 * 2.0 + 7 * 1.0) / 19
@@ -279,61 +248,61 @@ def test_on_and_off_loss_parts(pm, monkeypatch):
     assert s["luffy/p_off"] == pytest.approx((sum(DEMO_P) + 3 * 0.5) / 7)
 
 
-def test_all_correct_group_contributes_nothing(pm, monkeypatch):
+def test_all_correct_group_contributes_nothing(pm):
     """8 correct of 8 (demo included): A = 0 everywhere → zero policy-gradient loss and gradient."""
     cfg = LUFFYConfig(entropy_coef=0.0)
     _, _, batch = compose_and_batch(pm, cfg, [group([1] * 7, [2, 3, 1, 2, 2, 4, 1], 3, "ok")])
     assert batch.advantages.tolist() == [0.0] * 8
     lp = fill(batch, [-1.0] * 7 + [[math.log(0.05), math.log(0.5), 0.0]])
-    total, parts, g_lp, _ = run_split(pm, cfg, batch, [list(range(8))], lp, torch.zeros_like(lp), monkeypatch)
+    total, parts, g_lp, _ = run_split(pm, cfg, batch, [list(range(8))], lp, torch.zeros_like(lp))
     assert parts == {"pg_on": 0.0, "pg_off": 0.0} and total == 0.0
     assert torch.count_nonzero(g_lp) == 0
     # mixed with another prompt, it adds nothing to that prompt's loss or gradient
     batch2, lp2, ent2 = loss_batch(pm, cfg, rewards_b=(1, 1, 1))  # B all correct, demo correct
-    _, parts2, g2, _ = run_split(pm, cfg, batch2, [list(range(8))], lp2, ent2, monkeypatch)
+    _, parts2, g2, _ = run_split(pm, cfg, batch2, [list(range(8))], lp2, ent2)
     assert parts2 == pytest.approx({"pg_on": 0.25 * 6 / L_MAX, "pg_off": -0.75 * F_A / L_MAX})
     assert torch.count_nonzero(g2[4:]) == 0
 
 
-def test_default_aggregation_does_not_depend_on_micro_batching(pm, monkeypatch):
+def test_default_aggregation_does_not_depend_on_micro_batching(pm):
     cfg = LUFFYConfig()
     batch, lp, ent = loss_batch(pm, cfg)
-    whole = run_split(pm, cfg, batch, [list(range(8))], lp, ent, monkeypatch)  # 1 micro-batch of N rows
-    rows = run_split(pm, cfg, batch, [[i] for i in range(8)], lp, ent, monkeypatch)  # N micro-batches of 1 row
-    uneven = run_split(pm, cfg, batch, [[0, 1, 2, 3, 4], [5, 6], [7]], lp, ent, monkeypatch)
+    whole = run_split(pm, cfg, batch, [list(range(8))], lp, ent)  # 1 micro-batch of N rows
+    rows = run_split(pm, cfg, batch, [[i] for i in range(8)], lp, ent)  # N micro-batches of 1 row
+    uneven = run_split(pm, cfg, batch, [[0, 1, 2, 3, 4], [5, 6], [7]], lp, ent)
     for other in (rows, uneven):
         assert other[0] == pytest.approx(whole[0], rel=1e-6) and other[1] == pytest.approx(whole[1], rel=1e-6)
         assert torch.allclose(other[2], whole[2], atol=1e-8) and torch.allclose(other[3], whole[3], atol=1e-10)
 
 
-def test_official_aggregation_reproduces_per_micro_batch_numbers(pm, monkeypatch):
+def test_official_aggregation_reproduces_per_micro_batch_numbers(pm):
     cfg = LUFFYConfig(aggregation="official")
     batch, lp, ent = loss_batch(pm, cfg)
     split = [[0, 1, 2, 3], [4, 5, 6, 7]]  # one prompt per micro-batch
-    total, parts, g_lp, g_ent = run_split(pm, cfg, batch, split, lp, ent, monkeypatch)
+    total, parts, g_lp, g_ent = run_split(pm, cfg, batch, split, lp, ent)
     # PG: Σ/L_max per micro-batch, summed: the same as the invariant numbers
     # entropy: micro-batch A (6·2 + 4·1)/10 = 1.6, B (6·2 + 3·1)/9 = 5/3, each a mean, summed
     assert parts == pytest.approx({"pg_on": 0.125, "pg_off": -0.1484375, "entropy": -0.001 * (1.6 + 5 / 3)})
     assert total == pytest.approx(0.125 - 0.1484375 - 0.001 * (1.6 + 5 / 3))
     expected_ent = fill(batch, [-0.001 / 10] * 4 + [-0.001 / 9] * 4)  # each token weighs 1/(tokens of ITS micro-batch)
     assert torch.allclose(g_ent, expected_ent, atol=1e-10)
-    invariant = run_split(pm, LUFFYConfig(), batch, [list(range(8))], lp, ent, monkeypatch)
+    invariant = run_split(pm, LUFFYConfig(), batch, [list(range(8))], lp, ent)
     assert torch.allclose(g_lp, invariant[2], atol=1e-8)  # the PG gradient is the same in both modes
     # one micro-batch per mini-batch: the official loss is the invariant loss
-    one = run_split(pm, cfg, batch, [list(range(8))], lp, ent, monkeypatch)
+    one = run_split(pm, cfg, batch, [list(range(8))], lp, ent)
     assert one[0] == pytest.approx(invariant[0]) and one[1] == pytest.approx(invariant[1])
 
 
-def test_official_token_mean_uses_micro_batch_token_counts(pm, monkeypatch):
+def test_official_token_mean_uses_micro_batch_token_counts(pm):
     """loss_remove_token_mean=False in the code: the PG term is a token-mean per micro-batch."""
     cfg = LUFFYConfig(aggregation="official", loss_agg="token-mean", entropy_coef=0.0)
     batch, lp, ent = loss_batch(pm, cfg)
-    _, parts, _, _ = run_split(pm, cfg, batch, [[0, 1, 2, 3], [4, 5, 6, 7]], lp, ent, monkeypatch)
+    _, parts, _, _ = run_split(pm, cfg, batch, [[0, 1, 2, 3], [4, 5, 6, 7]], lp, ent)
     # A: (−(−0.25·6) − 0.75·F_A)/10 tokens;  B: (−(0.25·2 − 0.75·2 + 0.25·2) − 0.25·F_B)/9 tokens
     assert parts["pg_on"] == pytest.approx(1.5 / 10 + 0.5 / 9)
     assert parts["pg_off"] == pytest.approx(-0.75 * F_A / 10 - 0.25 * F_B / 9)
     _, inv, _, _ = run_split(pm, LUFFYConfig(loss_agg="token-mean", entropy_coef=0.0), batch,
-                             [[0, 1, 2, 3], [4, 5, 6, 7]], lp, ent, monkeypatch)
+                             [[0, 1, 2, 3], [4, 5, 6, 7]], lp, ent)
     assert inv["pg_on"] == pytest.approx(2.0 / 19) and inv["pg_off"] == pytest.approx(-(0.75 * F_A + 0.25 * F_B) / 19)
 
 
