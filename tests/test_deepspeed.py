@@ -31,6 +31,14 @@ STEPS = 2
 OVERRIDES = {"rollout.n": 2, "rollout.max_new_tokens": 8, "verifier.name": "exact",
              "trainer.micro_batch_tokens": 48, "trainer.lr": 1e-2}
 COMPARED = ("loss/total", "loss/sft", "loss/entropy", "train/grad_norm", "train/rows", "route/sft")
+# Greedy held-out evaluation before and after training, 5 prompts: 2 processes split them 3 + 2
+# (the second rank pads with a copy, so both make the same generate calls, as ZeRO-3 requires).
+EVAL = {"data.eval": "synthetic:arithmetic?n=5&seed=7", "eval.max_new_tokens": 12}
+EVAL_KEYS = ("eval/accuracy", "eval/pass@1", "eval/response_length")
+
+
+def _steps(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r["step"] > 0]  # step 0 holds the evaluation before training
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +49,7 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def single(model_dir, tmp_path_factory):
     run = tmp_path_factory.mktemp("single") / "run"
-    final, = train(tiny_config(model_dir, run, algorithm="hpt", steps=STEPS, overrides=OVERRIDES), base=None)
+    final, = train(tiny_config(model_dir, run, algorithm="hpt", steps=STEPS, overrides={**OVERRIDES, **EVAL}), base=None)
     return read_metrics(run / "metrics.jsonl"), final
 
 
@@ -68,16 +76,21 @@ def _torchrun(cfg: dict, tmp_path, *overrides: str, timeout: float = 150) -> sub
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_process_zero_matches_single_process(stage, model_dir, single, tmp_path):
     ref_rows, ref_final = single
-    cfg = tiny_config(model_dir, tmp_path / "run", algorithm="hpt", steps=STEPS, overrides=OVERRIDES)
+    cfg = tiny_config(model_dir, tmp_path / "run", algorithm="hpt", steps=STEPS, overrides={**OVERRIDES, **EVAL})
     _torchrun(cfg, tmp_path, "trainer.backend=deepspeed", f"trainer.zero_stage={stage}")
 
-    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")  # written by rank 0 only: one row per step
-    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
-    for ref, got in zip(ref_rows, rows):
+    all_rows = read_metrics(tmp_path / "run" / "metrics.jsonl")  # written by rank 0 only: one row per step
+    assert [r["step"] for r in all_rows] == list(range(0, STEPS + 1))
+    # Each rank evaluated its share; the gathered numbers are the single process's.
+    for ref, got in ((ref_rows[0], all_rows[0]), (ref_rows[-1], all_rows[-1])):
+        assert {k: got[k] for k in EVAL_KEYS} == pytest.approx({k: ref[k] for k in EVAL_KEYS}), got["step"]
+    assert all_rows[0]["eval/response_length"] > 1
+    rows = _steps(all_rows)
+    for ref, got in zip(_steps(ref_rows), rows):
         assert ref["route/sft"] == 1.0 and "loss/pg" not in ref  # the premise: SFT rows only
         for k in COMPARED:
             assert got[k] == pytest.approx(ref[k], rel=1e-4, abs=1e-6), (ref["step"], k, ref[k], got[k])
-    print(f"ZeRO-{stage} losses", [(r["loss/total"], g["loss/total"]) for r, g in zip(ref_rows, rows)])
+    print(f"ZeRO-{stage} losses", [(r["loss/total"], g["loss/total"]) for r, g in zip(_steps(ref_rows), rows)])
 
     # The checkpoint is consolidated HF weights (ZeRO-3: gathered from the partitions) and equals
     # the single-process result.
@@ -113,7 +126,8 @@ def test_one_process_zero1_matches_and_skip_rule(model_dir, single, tmp_path):
     over = {**OVERRIDES, "trainer.backend": "deepspeed", "trainer.zero_stage": 1, "save_every": 1}
     full, = train(tiny_config(model_dir, tmp_path / "z1", algorithm="hpt", steps=STEPS, overrides=over), base=None)
     full_rows = read_metrics(tmp_path / "z1" / "metrics.jsonl")
-    for ref, got in zip(ref_rows, full_rows):
+    assert len(full_rows) == STEPS
+    for ref, got in zip(_steps(ref_rows), full_rows):
         for k in COMPARED:
             assert got[k] == pytest.approx(ref[k], rel=1e-4, abs=1e-6), (ref["step"], k)
 

@@ -144,6 +144,31 @@ def sum_dataclass(obj: Any) -> Any:
     return replace(obj, **values)
 
 
+def shard(items: list, rank: int, world: int) -> list:
+    """This rank's share of an evaluation set: ``items[rank::world]``, padded with copies of the
+    last item to ``ceil(len / world)``. Every rank then makes the same number of generate calls,
+    which ZeRO-3 needs (each forward gathers parameters from all ranks). ``unshard`` drops the pads."""
+    mine = list(items[rank::world])
+    need = -(-len(items) // world)
+    return mine + list(items[-1:]) * (need - len(mine))
+
+
+def unshard(parts: list[list], total: int) -> list:
+    """The inverse of ``shard`` over all ranks' results: item ``i`` is ``parts[i % world][i // world]``."""
+    return [parts[i % len(parts)][i // len(parts)] for i in range(total)]
+
+
+def map_sharded(fn: Any, items: list) -> list:
+    """``fn(items)`` with the work split over the ranks: each rank runs ``fn`` on its shard and
+    every rank gets all results, in ``items``' order (``fn`` returns one picklable result per item)."""
+    if world_size() <= 1 or not dist.is_initialized() or not items:
+        return fn(items)
+    mine = fn(shard(items, rank(), world_size()))
+    parts: list[list] = [None] * world_size()  # type: ignore[list-item]
+    dist.all_gather_object(parts, mine)
+    return unshard(parts, len(items))
+
+
 # Metric names whose per-rank values add up to the global one; every other metric is averaged.
 _SUM_PREFIXES = ("loss/", "perf/")
 _SUM_KEYS = {"train/rows", "train/tokens", "verify/timeouts", "verify/errors"}

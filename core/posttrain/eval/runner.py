@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import torch
 
+from .. import distributed as D
 from ..data import render_prompt
 from ..config import ConfigError
 from ..logging import progress as progress_bar
@@ -119,8 +120,11 @@ def evaluate_benchmarks_in_training(generator: Any, prompting: Prompting, benchm
                                        f"(available: {', '.join(sorted(verifiers))})"], "eval.benchmarks")
                 if spec.verifier_name not in made:
                     made[spec.verifier_name] = verifiers[spec.verifier_name](replace(verifier_config, name=spec.verifier_name))
-                records, _ = generate_records(generator, prompting, spec, problems, made[spec.verifier_name], answers,
-                                              settings={}, seed=seed, progress=progress, desc=f"eval {spec.name}")
+                verifier = made[spec.verifier_name]
+                records = D.map_sharded(  # each rank its share of the problems; all get every record
+                    lambda part: generate_records(generator, prompting, spec, part, verifier, answers, settings={},
+                                                  seed=seed, progress=progress, desc=f"eval {spec.name}")[0],
+                    problems)
                 metrics = score(records, spec.metric_ks)
                 for key in ("problems", "samples", "errors"):
                     metrics.pop(key)
