@@ -60,6 +60,9 @@ class VLLMRolloutEngine:
         if world > 1:
             kwargs["distributed_executor_backend"] = "external_launcher"  # join the trainer's process group
         self.llm = LLM(**kwargs)
+        # Ranks finish building their engines at different times; DeepSpeed's next collective
+        # would otherwise wait on a rank still loading (TRL saw hangs there).
+        D.barrier()
         self.model = model  # the trainer's module: the weights to push when vLLM's are stale
         self._asleep: set[str] = set()  # what sleep() released and wake_up() has not restored
         self._stale = False  # weights discarded (sleep level 2) and not pushed since
@@ -85,13 +88,14 @@ class VLLMRolloutEngine:
         """Push every parameter of ``model`` (the trainer's, possibly ZeRO-3 partitioned) into vLLM."""
         self.model = model
         self._wake("weights")
-        target = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
         partitioned = any(hasattr(p, "ds_id") for p in model.parameters())  # ZeRO-3 marks its parameters
         gather = _zero3_gather if partitioned else (lambda p: nullcontext())
         with torch.no_grad():
             for name, p in model.named_parameters():
                 with gather(p):
-                    target.load_weights([(name, p.data)])
+                    # apply_model runs in this process (in-process engine core) on the bare model,
+                    # unwrapped from vLLM's CUDA-graph wrappers; load_weights copies in place.
+                    self.llm.apply_model(lambda m, w=[(name, p.data)]: m.load_weights(w))
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
         self._stale = False
 
