@@ -1,0 +1,53 @@
+"""benchmarks/bench_gpu.py: its arithmetic, and one real run of it on the CPU (a GPU user runs
+the same script; only the numbers change)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from posttrain.logging import read_metrics
+from posttrain.testing import make_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench_gpu():
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "benchmarks" / "bench_gpu.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_summary_by_hand():
+    rows = [{"time/step_s": 2.0, "train/tokens": 8000, "mem/peak_gib": 30.0, "time/rollout_s": 1.0,
+             "time/verify_s": 0.2, "time/train_s": 0.6, "time/sync_s": 0.2},
+            {"time/step_s": 4.0, "train/tokens": 16000, "mem/peak_gib": 31.5, "time/rollout_s": 3.0,
+             "time/verify_s": 0.2, "time/train_s": 0.6, "time/sync_s": 0.2}]
+    s = _bench_gpu().summarize(rows, gpus=4)
+    assert s["step_s"] == 3.0 and s["tokens_per_step"] == 12000
+    assert s["tokens_per_s_per_gpu"] == pytest.approx(12000 / (3.0 * 4))  # 1000
+    assert s["peak_mem_gib"] == 31.5  # the worst step, not the mean
+    assert s["rollout_s"] == 2.0 and s["rollout_frac"] == pytest.approx(2 / 3)
+    assert s["sync_frac"] == pytest.approx(0.2 / 3)
+
+
+def test_a_cpu_run_prints_the_summary_of_its_metrics(tmp_path, capsys):
+    model = make_tiny_model(tmp_path / "m")
+    run = tmp_path / "run"
+    code = _bench_gpu().main(["--model", str(model), "--steps", "3", "--run-dir", str(run), "--json",
+                              "trainer.device=cpu", "rollout.n=4", "rollout.max_new_tokens=8",
+                              "trainer.prompts_per_step=4"])
+    assert code == 0
+    out = capsys.readouterr().out
+    s = json.loads(out[out.rindex("{\n"):])
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    measured = rows[1:]  # step 1 is warm-up
+    assert s["steps"] == 2 and s["gpus"] == 1
+    assert s["tokens_per_step"] == pytest.approx(sum(r["train/tokens"] for r in measured) / 2)
+    assert s["tokens_per_step"] >= 4 * 4 * 2  # 16 responses of at least one token, plus their prompts
+    assert s["tokens_per_s_per_gpu"] == pytest.approx(s["tokens_per_step"] / s["step_s"])
+    parts = sum(s[f"{p}_s"] for p in ("rollout", "verify", "train", "sync"))
+    assert 0 < parts <= s["step_s"] * 1.001  # the split is inside the step
