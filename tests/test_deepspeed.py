@@ -28,8 +28,10 @@ from posttrain.testing import make_tiny_model, tiny_config  # noqa: E402
 STEPS = 2
 # Per step: 4 prompts, one SFT row each; ~40 tokens per row, so each micro-batch holds one row
 # (4 micro-batches in one process, 2 per rank in two): gradient accumulation is exercised.
+# logprob_chunk 4: a row's log-probs take several LM-head chunks, a number that differs between
+# ranks (ZeRO-3 must still gather the head the same number of times on each).
 OVERRIDES = {"rollout.n": 2, "rollout.max_new_tokens": 8, "verifier.name": "exact",
-             "trainer.micro_batch_tokens": 48, "trainer.lr": 1e-2}
+             "trainer.micro_batch_tokens": 48, "trainer.lr": 1e-2, "trainer.logprob_chunk": 4}
 COMPARED = ("loss/total", "loss/sft", "loss/entropy", "train/grad_norm", "train/rows", "route/sft")
 # Greedy held-out evaluation before and after training, 5 prompts: 2 processes split them 3 + 2
 # (the second rank pads with a copy, so both make the same generate calls, as ZeRO-3 requires).
@@ -53,6 +55,16 @@ def single(model_dir, tmp_path_factory):
     return read_metrics(run / "metrics.jsonl"), final
 
 
+@pytest.fixture(scope="module")
+def zero3_json(tmp_path_factory):
+    """ZeRO-3 that partitions every parameter. DeepSpeed's default keeps parameters under 1e5
+    elements whole on every rank, which is all of the tiny model's: without this, ZeRO-3 on it
+    would never gather a parameter, and the gathers are what must line up across ranks."""
+    path = tmp_path_factory.mktemp("ds") / "zero3.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}))
+    return str(path)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -74,10 +86,11 @@ def _torchrun(cfg: dict, tmp_path, *overrides: str, timeout: float = 150) -> sub
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_two_process_zero_matches_single_process(stage, model_dir, single, tmp_path):
+def test_two_process_zero_matches_single_process(stage, model_dir, single, zero3_json, tmp_path):
     ref_rows, ref_final = single
     cfg = tiny_config(model_dir, tmp_path / "run", algorithm="hpt", steps=STEPS, overrides={**OVERRIDES, **EVAL})
-    _torchrun(cfg, tmp_path, "trainer.backend=deepspeed", f"trainer.zero_stage={stage}")
+    partitioned = [f"trainer.deepspeed_config={zero3_json}"] if stage == 3 else []
+    _torchrun(cfg, tmp_path, "trainer.backend=deepspeed", f"trainer.zero_stage={stage}", *partitioned)
 
     all_rows = read_metrics(tmp_path / "run" / "metrics.jsonl")  # written by rank 0 only: one row per step
     assert [r["step"] for r in all_rows] == list(range(0, STEPS + 1))
@@ -106,6 +119,25 @@ def test_two_process_zero_matches_single_process(stage, model_dir, single, tmp_p
     assert any(not torch.equal(got[k], start[k]) for k in ref)  # it trained
     state = torch.load(final / "trainer_state.pt", weights_only=False)
     assert state["step"] == STEPS and state["backend"]["scheduler"]["last_epoch"] == STEPS
+
+
+@pytest.mark.parametrize("algorithm", ["gift", "dypo"])
+def test_two_process_zero3_with_a_partitioned_reference_model(algorithm, model_dir, zero3_json, tmp_path):
+    """The frozen reference model under ZeRO-3 inference: GIFT reads its full-vocabulary
+    distribution chunk by chunk (also when backward recomputes a chunk), DYPO its token log-probs.
+    Both see only demonstration rows here (GIFT has no rollouts; DYPO routes every all-wrong
+    group to SFT), so the 2-process losses must equal the single process's."""
+    over = {**OVERRIDES, **({"algorithm.demos": "first"} if algorithm == "gift" else {})}
+    single_run = tmp_path / "single"
+    train(tiny_config(model_dir, single_run, algorithm=algorithm, steps=STEPS, overrides=over), base=None)
+    cfg = tiny_config(model_dir, tmp_path / "run", algorithm=algorithm, steps=STEPS, overrides=over)
+    _torchrun(cfg, tmp_path, "trainer.backend=deepspeed", "trainer.zero_stage=3", f"trainer.deepspeed_config={zero3_json}")
+    ref, got = (read_metrics(p / "metrics.jsonl") for p in (single_run, tmp_path / "run"))
+    assert [r["step"] for r in got] == [r["step"] for r in ref] == list(range(1, STEPS + 1))
+    for a, b in zip(ref, got):
+        for k in ("loss/total", "train/grad_norm", "train/rows"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["step"], k, a[k], b[k])
+    assert ref[0]["loss/total"] > 1.0  # a real loss, not an all-zero batch
 
 
 def test_uneven_split_is_a_config_error(model_dir, tmp_path):

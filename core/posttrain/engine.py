@@ -71,7 +71,8 @@ class Engine:
         backends = build_registry(pm, "register_trainer_backends")
         self.backend = _pick(backends, config.trainer.backend, "trainer.backend")(self.model, config.trainer, config.trainer.steps)
         if self.reference is not None and hasattr(self.backend, "prepare_reference"):
-            self.reference = self.backend.prepare_reference(self.reference)  # ZeRO-3: partitioned too
+            # ZeRO-3: partitioned too (its head whole when a full-vocabulary loss reads it per chunk)
+            self.reference = self.backend.prepare_reference(self.reference, full_head=self.needs.reference_vocab)
         self.rollout = None
         if self.needs.rollouts:
             engines = build_registry(pm, "register_rollout_engines")

@@ -227,8 +227,14 @@ class DeepSpeedBackend:
 
     # --- what the engine asks of a distributed backend -------------------------------------------
 
-    def prepare_reference(self, model):
-        """The frozen reference model: partitioned for inference under ZeRO-3, as is otherwise."""
+    def prepare_reference(self, model, *, full_head: bool = False):
+        """The frozen reference model: partitioned for inference under ZeRO-3, as is otherwise.
+
+        ``full_head``: keep a whole, unpartitioned copy of its LM head (V×H: about 1 GiB for a
+        7B model in bf16). A full-vocabulary loss calls the reference head once per chunk of
+        positions, again when backward recomputes a checkpointed chunk; those counts differ
+        between ranks, and a partitioned head would all-gather on every call.
+        """
         if self.stage != 3:
             return model
         import deepspeed
@@ -236,8 +242,15 @@ class DeepSpeedBackend:
         cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
                "bf16": self.ds_config.get("bf16", {"enabled": False}), "steps_per_print": 2**62}
         engine, _, _, _ = deepspeed.initialize(model=model, config=cfg)
-        engine.module.eval()
-        return engine.module
+        module = engine.module.eval()
+        head = module.get_output_embeddings()
+        if full_head and isinstance(head, torch.nn.Linear):
+            with deepspeed.zero.GatheredParameters(list(head.parameters()), modifier_rank=None):
+                w = head.weight
+                full = torch.nn.Linear(w.shape[1], w.shape[0], bias=head.bias is not None, device=w.device, dtype=w.dtype)
+                full.load_state_dict({k: v.detach().clone() for k, v in head.state_dict().items()})
+            module.set_output_embeddings(full.requires_grad_(False))
+        return module
 
     def consolidated_model(self):
         """What rank 0 saves as HF weights. Collective under ZeRO-3 (every rank must call it):

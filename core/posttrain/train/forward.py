@@ -68,10 +68,35 @@ def policy_outputs(
                 ref_logp = torch.log_softmax(ref_head(ref_hidden[:, sl]).float() / temperature, dim=-1)
             return distribution_loss(logits, ref_logp, labels[:, sl])
 
-    logprobs, ent, dist = F.chunked_token_stats(
-        hidden, head, labels, temperature=temperature, chunk_size=chunk, entropy=entropy, extra=extra
+    logprobs, ent, dist = _stats_in_one_head_call(
+        head, hidden, labels, temperature=temperature, chunk_size=chunk, entropy=entropy, extra=extra
     )
     return ModelOutputs(logprobs=logprobs, entropy=ent, distribution_loss=dist)
+
+
+def _stats_in_one_head_call(head, hidden: Tensor, labels: Tensor, **kw):
+    """``F.chunked_token_stats`` with the LM head module called once, not once per chunk.
+
+    Under ZeRO-3 every call of a module all-gathers its partitioned weight: a collective all
+    ranks must join, while the number of chunks depends on this rank's response lengths. So the
+    module is called once (its hooks gather the weight for the call and again for its backward,
+    where the checkpointed chunks are recomputed) and the chunks use the gathered weight directly.
+    """
+    if not isinstance(head, torch.nn.Linear):
+        return F.chunked_token_stats(hidden, head, labels, **kw)
+
+    def stats(h: Tensor, y: Tensor):
+        return F.chunked_token_stats(h, lambda x: torch.nn.functional.linear(x, head.weight, head.bias), y, **kw)
+
+    own = head.__dict__.get("forward")  # an instance-level forward (e.g. accelerate's hooks) to restore
+    head.forward = stats
+    try:
+        return head(hidden, labels)
+    finally:
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
 
 
 @torch.no_grad()
