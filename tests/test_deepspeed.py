@@ -26,12 +26,13 @@ from posttrain.run import train  # noqa: E402
 from posttrain.testing import make_tiny_model, tiny_config  # noqa: E402
 
 STEPS = 2
-# Per step: 4 prompts, one SFT row each; ~40 tokens per row, so each micro-batch holds one row
-# (4 micro-batches in one process, 2 per rank in two): gradient accumulation is exercised.
+# Per step: 4 prompts, one SFT row each of ~30-45 tokens; micro-batches of at most 64 tokens hold one
+# or two rows, so gradient accumulation is exercised, and at step 2 one rank has 2 micro-batches
+# and the other 1 (it runs a zero-loss pass to keep ZeRO's collectives in step).
 # logprob_chunk 4: a row's log-probs take several LM-head chunks, a number that differs between
 # ranks (ZeRO-3 must still gather the head the same number of times on each).
 OVERRIDES = {"rollout.n": 2, "rollout.max_new_tokens": 8, "verifier.name": "exact",
-             "trainer.micro_batch_tokens": 48, "trainer.lr": 1e-2, "trainer.logprob_chunk": 4}
+             "trainer.micro_batch_tokens": 64, "trainer.lr": 1e-2, "trainer.logprob_chunk": 4}
 COMPARED = ("loss/total", "loss/sft", "loss/entropy", "train/grad_norm", "train/rows", "route/sft")
 # Greedy held-out evaluation before and after training, 5 prompts: 2 processes split them 3 + 2
 # (the second rank pads with a copy, so both make the same generate calls, as ZeRO-3 requires).
