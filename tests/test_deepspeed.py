@@ -141,6 +141,36 @@ def test_two_process_zero3_with_a_partitioned_reference_model(algorithm, model_d
     assert ref[0]["loss/total"] > 1.0  # a real loss, not an all-zero batch
 
 
+def test_two_process_zero3_when_a_rank_has_no_rows(model_dir, zero3_json, tmp_path):
+    """Half the prompts have no demonstration, so GIFT drops them; at some steps both kept prompts
+    fall to rank 0 and rank 1 has nothing to train on. It must still make the forwards and
+    backwards the other rank makes (policy, reference, LM head), or ZeRO-3's gathers hang."""
+    from posttrain.data import PromptSampler, load_examples
+
+    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b), "demos": [f"{a}+{b}={a + b} \\boxed{{{a + b}}}"] if i % 2 == 0 else []}
+            for i, (a, b) in enumerate([(1, 2), (5, 1), (4, 4), (7, 2)])]
+    data = tmp_path / "half.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    steps = 4
+    over = {**OVERRIDES, "data.train": str(data), "algorithm.demos": "first"}
+    # The premise, from the run's own sampler: some step gives rank 1 (prompts 1 and 3 of the
+    # step's 4) only prompts without a demonstration.
+    sampler = PromptSampler(load_examples(str(data), demo_keys=["demos"]), 4, seed=0)
+    kept_by_rank1 = [sum(bool(ex.demonstrations) for ex in sampler.next_batch()[1::2]) for _ in range(steps)]
+    assert 0 in kept_by_rank1, kept_by_rank1
+
+    single_run = tmp_path / "single"
+    train(tiny_config(model_dir, single_run, algorithm="gift", steps=steps, overrides=over), base=None)
+    cfg = tiny_config(model_dir, tmp_path / "run", algorithm="gift", steps=steps, overrides=over)
+    _torchrun(cfg, tmp_path, "trainer.backend=deepspeed", "trainer.zero_stage=3", f"trainer.deepspeed_config={zero3_json}",
+              timeout=120)
+    ref, got = (read_metrics(p / "metrics.jsonl") for p in (single_run, tmp_path / "run"))
+    assert [r["step"] for r in got] == list(range(1, steps + 1))
+    for a, b in zip(ref, got):
+        for k in ("loss/total", "train/grad_norm", "train/rows"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["step"], k, a[k], b[k])
+
+
 def test_uneven_split_is_a_config_error(model_dir, tmp_path):
     cfg = tiny_config(model_dir, tmp_path / "run", algorithm="hpt", steps=1, overrides=OVERRIDES)
     cfg["trainer"]["prompts_per_step"] = 3

@@ -31,8 +31,8 @@ from .metrics import Metrics
 from .plugins import build_registry
 from .loss import micro_batch_loss
 from .rollout import SamplingParams, hf_engine
-from .train.forward import logprobs_in_micro_batches
-from .types import Example, PromptGroup, Totals, Trajectory, TrainBatch
+from .train.forward import logprobs_in_micro_batches, policy_outputs
+from .types import Example, PromptGroup, Route, Totals, Trajectory, TrainBatch
 
 
 class Engine:
@@ -294,23 +294,33 @@ class Engine:
             if not wanted:
                 continue
             if batch is None:
-                for _ in range(n):
-                    self._idle_forward(model)
+                with torch.no_grad():
+                    for _ in range(n):
+                        self._idle_forward(model)
                 continue
             padded = rows + [rows[0]] * (n - len(rows))  # a repeated row writes the same values again
             setattr(batch, field, logprobs_in_micro_batches(model, batch, padded, temperature=T, chunk=chunk))
         return batch
 
-    def _idle_forward(self, model) -> torch.Tensor:
-        """A one-token forward, for a rank that has no rows while the others compute (ZeRO-3 gathers
-        parameters in every forward, so each rank must run as many as the others)."""
-        ids = torch.full((1, 1), self.tokenizer.pad_token_id, dtype=torch.long, device=self.device)
-        return model(input_ids=ids, use_cache=False).logits
+    def _idle_forward(self, model, reference: Any = None) -> torch.Tensor:
+        """A zero computed the way real rows are (decoder, reference decoder, LM head), for a rank
+        with no rows while the others compute: under ZeRO-3 every forward gathers parameters from
+        all ranks, so each rank must make the same calls in the same order. The row is one pad
+        token predicting one pad token."""
+        pad = self.tokenizer.pad_token_id
+        demo = Trajectory(response_ids=[pad], text="", off_policy=True, teacher=0, finished=True)
+        group = PromptGroup(example=Example(prompt="", answer=""), prompt_ids=[pad], demonstrations=[demo])
+        batch = build_train_batch([group], [Route(rl=0.0, sft=1.0, demos=(0,), members=())], pad).to(self.device)
+        full_vocab = (lambda logits, ref_logp, labels: logits.float().sum(-1) * 0.0) if reference is not None else None
+        out = policy_outputs(model, batch, temperature=1.0, chunk=self.cfg.trainer.logprob_chunk,
+                             distribution_loss=full_vocab, reference=reference)
+        extra = out.distribution_loss.sum() if out.distribution_loss is not None else 0.0
+        return (out.logprobs.sum() + extra) * 0.0
 
     def _idle_loss(self, mb: TrainBatch | None, rows: list, totals: Any, m: Metrics) -> torch.Tensor:
         """A zero loss through the whole model: a forward and backward that add no gradient."""
         if mb is None or not rows:
-            return self._idle_forward(self.backend.model).sum() * 0.0
+            return self._idle_forward(self.backend.model, self.reference if self.needs.reference_vocab else None)
         micro = trim_padding(mb.select(rows[0])).with_(totals=totals).to(self.device)
         terms, _ = self.micro_loss(micro, Metrics())  # its metrics are not this step's
         return sum(t.value for t in terms) * 0.0
