@@ -171,6 +171,36 @@ def test_two_process_zero3_when_a_rank_has_no_rows(model_dir, zero3_json, tmp_pa
             assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["step"], k, a[k], b[k])
 
 
+@pytest.fixture(scope="module")
+def eos_model_dir(tmp_path_factory):
+    """The tiny model, rewired so that some prompts end in 1–3 tokens and others run to the cap:
+    the final norm keeps one hidden unit and only EOS reads it. Ranks then finish generating at
+    different times."""
+    path = make_tiny_model(tmp_path_factory.mktemp("eos") / "m")
+    model = AutoModelForCausalLM.from_pretrained(path)
+    eos = model.config.eos_token_id
+    with torch.no_grad():
+        model.model.norm.weight.zero_()
+        model.model.norm.weight[0] = 1.0
+        model.lm_head.weight[:, 0] = 0.0
+        model.lm_head.weight[eos, 0] = 5.0
+    model.save_pretrained(path)
+    return path
+
+
+def test_two_process_zero3_rollouts_of_different_lengths(eos_model_dir, zero3_json, tmp_path):
+    """Under ZeRO-3 every generation step gathers parameters, so a rank whose responses have all
+    ended keeps stepping until the others finish (transformers' synced_gpus, on while the
+    backend holds its HfDeepSpeedConfig). Without that this run hangs at step 1."""
+    over = {**OVERRIDES, "rollout.n": 4, "rollout.max_new_tokens": 24}
+    cfg = tiny_config(eos_model_dir, tmp_path / "run", algorithm="grpo", steps=STEPS, overrides=over)
+    _torchrun(cfg, tmp_path, "trainer.backend=deepspeed", "trainer.zero_stage=3", f"trainer.deepspeed_config={zero3_json}",
+              timeout=90)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert all(1 <= r["rollout/response_length"] < 24 for r in rows), [r["rollout/response_length"] for r in rows]
+
+
 def test_uneven_split_is_a_config_error(model_dir, tmp_path):
     cfg = tiny_config(model_dir, tmp_path / "run", algorithm="hpt", steps=1, overrides=OVERRIDES)
     cfg["trainer"]["prompts_per_step"] = 3
