@@ -25,7 +25,8 @@ Shapes: N rows (one prompt + one response each), L padded response width, G memb
 group, V vocabulary size. ``config`` is the algorithm's config dataclass (``algorithm:``
 section of the YAML, validated against ``algorithm_config()``). ``step`` counts optimizer
 steps of the run from 0. ``metrics`` is a ``posttrain.metrics.Metrics``: call
-``metrics.log(name, value)`` to add a number to the step's metrics.
+``metrics.log(name, value)`` to add a number to the step's metrics (``reduce=`` sum / max /
+min / last instead of the mean; ``weight=`` for a weighted mean, e.g. a token count).
 """
 
 from __future__ import annotations

@@ -12,28 +12,42 @@ class Metrics:
     """Collects numbers during one step; ``summary()`` reduces them to one value per name.
 
     Hooks call ``metrics.log("hpt/offline_ratio", 0.25)``. A name logged several times in a
-    step (once per micro-batch, say) is averaged, or summed with ``reduce="sum"``.
+    step (once per micro-batch, say) is averaged, or summed with ``reduce="sum"``. A mean may
+    be weighted: ``metrics.log("x/token_mean", mb_mean, weight=mb_tokens)`` gives the exact
+    token mean over micro-batches of different sizes, not the mean of their means.
     """
 
     def __init__(self) -> None:
         self._values: dict[str, list[float]] = defaultdict(list)
+        self._weights: dict[str, list[float]] = defaultdict(list)
         self._reduce: dict[str, str] = {}
 
-    def log(self, name: str, value: float | torch.Tensor, reduce: str = "mean") -> None:
+    def log(self, name: str, value: float | torch.Tensor, reduce: str = "mean", weight: float | torch.Tensor = 1.0) -> None:
         if reduce not in ("mean", "sum", "max", "min", "last"):
             raise ValueError(f"metrics.log({name!r}): unknown reduce {reduce!r}")
         if isinstance(value, torch.Tensor):
             value = value.detach().float().item()
+        weight = float(weight.detach().float().item() if isinstance(weight, torch.Tensor) else weight)
+        if weight != 1.0 and reduce != "mean":
+            raise ValueError(f"metrics.log({name!r}): weight only applies to reduce='mean', not {reduce!r}")
+        if not weight >= 0.0 or math.isinf(weight):
+            raise ValueError(f"metrics.log({name!r}): weight must be finite and >= 0, got {weight}")
         self._values[name].append(float(value))
+        self._weights[name].append(weight)
         self._reduce[name] = reduce
 
     def summary(self) -> dict[str, float]:
         out = {}
         for name, vals in self._values.items():
             r = self._reduce[name]
-            finite = [v for v in vals if not math.isnan(v)] or vals
             if r == "mean":
-                out[name] = sum(finite) / len(finite)
+                pairs = [(v, w) for v, w in zip(vals, self._weights[name]) if not math.isnan(v)]
+                total = sum(w for _, w in pairs)
+                if total > 0:
+                    out[name] = sum(v * w for v, w in pairs) / total
+                else:  # all NaN, or every weight 0: the plain mean (NaN if all are NaN)
+                    finite = [v for v, _ in pairs] or vals
+                    out[name] = sum(finite) / len(finite)
             elif r == "sum":
                 out[name] = sum(vals)
             elif r == "max":

@@ -184,13 +184,15 @@ def split_policy_gradient(batch, outputs, advantages, ratio, mask, config, metri
 
     ``pg_off`` is the demonstration rows' share, computed with the PG term's normalisers;
     ``pg_on = pg − pg_off``, so the sum (value and gradient) is exactly what the inner
-    implementation built. Also logs the mean π_θ on demonstration tokens (per micro-batch).
+    implementation built. Also logs the mean π_θ on demonstration tokens (a token mean over the
+    step's micro-batches).
     """
     terms = yield
     off_rows = batch.off_policy & (batch.rl_weight > 0)  # [N]
     if metrics is not None and bool(off_rows.any()):
         p = outputs.logprobs.detach().exp()  # [N, L]
-        metrics.log("luffy/p_off", F.masked_mean(p, batch.response_mask & off_rows[:, None]))
+        off_tokens = batch.response_mask & off_rows[:, None]  # [N, L]
+        metrics.log("luffy/p_off", F.masked_mean(p, off_tokens), weight=off_tokens.sum())
     pg = next((t for t in terms or [] if t.name == "pg"), None)
     if pg is None:
         return terms

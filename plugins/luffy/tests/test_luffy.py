@@ -297,7 +297,12 @@ def test_official_token_mean_uses_micro_batch_token_counts(pm):
     """loss_remove_token_mean=False in the code: the PG term is a token-mean per micro-batch."""
     cfg = LUFFYConfig(aggregation="official", loss_agg="token-mean", entropy_coef=0.0)
     batch, lp, ent = loss_batch(pm, cfg)
-    _, parts, _, _ = run_split(pm, cfg, batch, [[0, 1, 2, 3], [4, 5, 6, 7]], lp, ent)
+    m = Metrics()
+    _, parts, _, _ = run_split(pm, cfg, batch, [[0, 1, 2, 3], [4, 5, 6, 7]], lp, ent, metrics=m)
+    # luffy/p_off is the token mean over both micro-batches' 7 demonstration tokens, not the mean
+    # of their means ((mean(DEMO_P) + 0.5) / 2)
+    assert m.summary()["luffy/p_off"] == pytest.approx((sum(DEMO_P) + 3 * 0.5) / 7)
+    assert (sum(DEMO_P) + 3 * 0.5) / 7 != pytest.approx((sum(DEMO_P) / 4 + 0.5) / 2)
     # A: (−(−0.25·6) − 0.75·F_A)/10 tokens;  B: (−(0.25·2 − 0.75·2 + 0.25·2) − 0.25·F_B)/9 tokens
     assert parts["pg_on"] == pytest.approx(1.5 / 10 + 0.5 / 9)
     assert parts["pg_off"] == pytest.approx(-0.75 * F_A / 10 - 0.25 * F_B / 9)
