@@ -141,6 +141,19 @@ def test_two_process_zero3_with_a_partitioned_reference_model(algorithm, model_d
     assert ref[0]["loss/total"] > 1.0  # a real loss, not an all-zero batch
 
 
+def test_two_process_rl_loss_keeps_its_normaliser(model_dir, tmp_path):
+    """LUFFY's PG terms are Σ/L_max (token-sum-norm). On the random model every rollout is wrong
+    and the demonstration right, so the demonstration's advantage is n/(n+1) and its term at
+    step 1 depends only on the (identical) starting weights: it must equal the single process's.
+    (L_max was summed over ranks once, which halved every such loss under 2 processes.)"""
+    train(tiny_config(model_dir, tmp_path / "single", algorithm="luffy", steps=1, overrides=OVERRIDES), base=None)
+    cfg = tiny_config(model_dir, tmp_path / "run", algorithm="luffy", steps=1, overrides=OVERRIDES)
+    _torchrun(cfg, tmp_path, "trainer.backend=deepspeed", "trainer.zero_stage=2")
+    ref, got = (read_metrics(p / "metrics.jsonl")[0] for p in (tmp_path / "single", tmp_path / "run"))
+    assert ref["loss/pg_off"] < -0.1
+    assert got["loss/pg_off"] == pytest.approx(ref["loss/pg_off"], rel=1e-5)
+
+
 def test_two_process_zero3_in_bf16(model_dir, tmp_path):
     """DeepSpeed's bf16 mode (what GPU runs use; it also runs on CPU): bf16 weights and
     activations, fp32 master weights. GIFT's losses stay within bf16 noise of the fp32 single

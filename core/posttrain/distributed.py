@@ -134,14 +134,25 @@ def max_int(value: int) -> int:
 
 
 def sum_dataclass(obj: Any) -> Any:
-    """A dataclass of numbers with every field summed over ranks (``Totals``)."""
+    """A dataclass of numbers with its fields summed over ranks (``Totals``), except fields whose
+    metadata says ``ranks="same"``: constants every rank holds (``max_len``), checked equal."""
     if world_size() <= 1 or not dist.is_initialized():
         return obj
     names = [f.name for f in fields(obj)]
-    t = torch.tensor([float(getattr(obj, n)) for n in names], dtype=torch.float64, device=_comm_device())
-    dist.all_reduce(t)
-    values = {n: type(getattr(obj, n))(v) for n, v in zip(names, t.tolist())}
-    return replace(obj, **values)
+    sums = torch.tensor([float(getattr(obj, n)) for n in names], dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(sums)
+    out = dict(zip(names, sums.tolist()))
+    same = [f.name for f in fields(obj) if f.metadata.get("ranks") == "same"]
+    if same:
+        lo = torch.tensor([float(getattr(obj, n)) for n in same], dtype=torch.float64, device=_comm_device())
+        hi = lo.clone()
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        for n, a, b in zip(same, lo.tolist(), hi.tolist()):
+            if a != b:
+                raise RuntimeError(f"{type(obj).__name__}.{n} must be the same on every rank, got {a} … {b}")
+            out[n] = a
+    return replace(obj, **{n: type(getattr(obj, n))(v) for n, v in out.items()})
 
 
 def shard(items: list, rank: int, world: int) -> list:

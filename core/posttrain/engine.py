@@ -208,7 +208,8 @@ class Engine:
         """
         rows = micro_batch_rows(mb, self.cfg.trainer.micro_batch_tokens, self.needs.whole_groups) if mb is not None else []
         n_micro = dist_utils.max_int(len(rows))
-        totals = dist_utils.sum_dataclass(totals_of(mb, self.max_len, len(rows)) if mb is not None else Totals())
+        totals = dist_utils.sum_dataclass(totals_of(mb, self.max_len, len(rows)) if mb is not None
+                                            else Totals(max_len=self.max_len, micro_batches=0))
         losses: dict[str, float] = {}
         for i in progress(range(n_micro), desc="train", enabled=self._bars):
             if i >= len(rows):

@@ -108,7 +108,9 @@ class Needs:
 @dataclass(frozen=True)
 class Totals:
     """Normalisers of the enclosing mini-batch, so a loss split into micro-batches sums to the
-    same value as the loss of the whole mini-batch (gradient accumulation changes nothing)."""
+    same value as the loss of the whole mini-batch (gradient accumulation changes nothing).
+    Under several processes the counts are summed over ranks; ``max_len`` is a constant, the
+    same on every rank (field metadata ``ranks="same"``)."""
 
     seqs: float = 0.0  # rows
     tokens: float = 0.0  # response tokens of all rows
@@ -116,8 +118,8 @@ class Totals:
     rl_tokens: float = 0.0
     sft_seqs: float = 0.0  # rows with sft_weight > 0
     sft_tokens: float = 0.0
-    max_len: float = 1.0  # constant L_max for seq-mean-token-sum-norm (Dr.GRPO)
-    micro_batches: int = 1  # how many micro-batches the mini-batch was split into
+    max_len: float = field(default=1.0, metadata={"ranks": "same"})  # constant L_max (Dr.GRPO's norm)
+    micro_batches: int = 1  # how many micro-batches the mini-batch was split into (all ranks')
 
 
 # Row fields a TrainBatch slices along dim 0 (everything that is a per-row tensor).
