@@ -101,7 +101,8 @@ class Engine:
                 self.backend.load_shards(shards)  # ZeRO: the optimizer moments each rank holds
             self.sampler.load_state_dict(state["sampler"])
             self.step = state["step"]
-            ckpt.set_rng_state(rng)
+            own_rng = shards / _rank_rng_file(dist_utils.rank())
+            ckpt.set_rng_state(torch.load(own_rng, weights_only=False) if own_rng.is_file() else rng)
         self._saved_step = self.step if resume_from is not None else None
         self.logger: Any = _NullLogger()
         if dist_utils.is_main():  # one writer: rank 0 logs, saves the config, talks to wandb
@@ -361,7 +362,10 @@ class Engine:
         model = consolidated() if consolidated is not None else self.backend.model  # collective under ZeRO-3
         path = self._checkpoint_path(self.step)
         if hasattr(self.backend, "save_shards"):  # before COMPLETE is written: a complete step has its shards
-            self.backend.save_shards(self.run_dir / _SHARDS_DIR / path.name)
+            shards = self.run_dir / _SHARDS_DIR / path.name
+            self.backend.save_shards(shards)
+            # Each rank samples with its own stream; the checkpoint's rng.pt holds rank 0's only.
+            torch.save(ckpt.rng_state(), shards / _rank_rng_file(dist_utils.rank()))
             dist_utils.barrier()
         if dist_utils.is_main():
             state = {"step": self.step, "backend": self.backend.state_dict(), "sampler": self.sampler.state_dict()}
@@ -391,7 +395,11 @@ def _rollout_metrics(groups: list[PromptGroup], seconds: float, m: Metrics) -> N
     m.log("perf/rollout_tokens_per_s", tokens / max(1e-9, seconds))
 
 
-_SHARDS_DIR = "zero_shards"  # run_dir/zero_shards/step-NNNNNN: per-rank optimizer state (deepspeed backend)
+_SHARDS_DIR = "zero_shards"  # run_dir/zero_shards/step-NNNNNN: per-rank optimizer and RNG state (deepspeed backend)
+
+
+def _rank_rng_file(rank: int) -> str:
+    return f"rng-rank{rank}.pt"
 
 
 class _NullLogger:
