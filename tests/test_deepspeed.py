@@ -205,6 +205,23 @@ def test_two_process_zero3_when_a_rank_has_no_rows(model_dir, zero3_json, tmp_pa
     _assert_same_steps(ref, got)
 
 
+def test_two_process_zero3_with_optimizer_and_parameter_offload(model_dir, single, tmp_path):
+    """Optimizer state and parameters offloaded to CPU memory (DeepSpeed's CPU Adam, JIT-built
+    on the machine's first use, about 45 s): same losses and weights as the single process."""
+    ref_rows, ref_final = single
+    ds = tmp_path / "offload.json"
+    ds.write_text(json.dumps({"zero_optimization": {
+        "stage": 3, "stage3_param_persistence_threshold": 0,
+        "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}}))
+    cfg = tiny_config(model_dir, tmp_path / "run", algorithm="hpt", steps=STEPS, overrides=OVERRIDES)
+    _torchrun(cfg, tmp_path, "trainer.backend=deepspeed", "trainer.zero_stage=3", f"trainer.deepspeed_config={ds}",
+              timeout=400)
+    _assert_same_steps(_steps(ref_rows), read_metrics(tmp_path / "run" / "metrics.jsonl"), COMPARED)
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "checkpoints" / f"step-{STEPS:06d}").state_dict()
+    ref = AutoModelForCausalLM.from_pretrained(ref_final).state_dict()
+    assert max(float((got[k] - ref[k]).abs().max()) for k in ref) < 1e-4
+
+
 def test_two_process_zero3_resume_continues_adam(model_dir, single, zero3_json, tmp_path):
     """Stop after step 1, start again asking for 2: each rank reloads its optimizer partition
     (Adam's moments) from zero_shards/, so step 2 is the uninterrupted run's step 2. The weights
