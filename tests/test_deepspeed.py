@@ -270,6 +270,23 @@ def test_two_process_zero3_rollouts_of_different_lengths(eos_model_dir, zero3_js
     assert all(1 <= r["rollout/response_length"] < 24 for r in rows), [r["rollout/response_length"] for r in rows]
 
 
+def test_two_process_zero3_sharded_evaluation_equals_single_process(eos_model_dir, zero3_json, tmp_path):
+    """Greedy held-out evaluation split over 2 ranks (7 prompts: 4, and 3 plus a pad) gives the
+    single process's numbers. With bare prompts (no chat template) the rewired model's greedy
+    responses end at different lengths, so the mean length checks that each prompt was
+    answered once and the pad was dropped."""
+    over = {**OVERRIDES, "data.eval": "synthetic:arithmetic?n=7&seed=3", "eval.max_new_tokens": 24,
+            "data.template": "{prompt}", "algorithm.demos": "first"}
+    train(tiny_config(eos_model_dir, tmp_path / "single", algorithm="sft", steps=1, overrides=over), base=None)
+    cfg = tiny_config(eos_model_dir, tmp_path / "run", algorithm="sft", steps=1, overrides=over)
+    _torchrun(cfg, tmp_path, "trainer.backend=deepspeed", "trainer.zero_stage=3", f"trainer.deepspeed_config={zero3_json}",
+              timeout=90)
+    ref, got = (read_metrics(p / "metrics.jsonl")[0] for p in (tmp_path / "single", tmp_path / "run"))
+    assert ref["step"] == got["step"] == 0
+    assert 1 < ref["eval/response_length"] < 24  # lengths differ between prompts (13.3 here)
+    assert {k: got[k] for k in EVAL_KEYS} == pytest.approx({k: ref[k] for k in EVAL_KEYS})
+
+
 def test_two_process_resume_restores_each_ranks_sampling(eos_model_dir, tmp_path):
     """Each rank samples rollouts with its own RNG stream (seed + rank). A resumed run restores
     every rank's stream, so it samples what the uninterrupted run sampled; with rank 0's stream
