@@ -63,34 +63,16 @@ def test_overridden_hooks_of_sft():
     assert overridden_hooks(sft) == ["algorithm_config", "requirements", "route_group"]
 
 
-def _write_pkg(root, name, module_body):
-    (root / f"{name}_pkg").mkdir(parents=True)
-    (root / f"{name}_pkg" / "__init__.py").write_text(textwrap.dedent(module_body))
-    (root / "pyproject.toml").write_text(textwrap.dedent(f"""
-        [build-system]
-        requires = ["setuptools>=61"]
-        build-backend = "setuptools.build_meta"
-        [project]
-        name = "{name}-plugin"
-        version = "0.3.1"
-        dependencies = []
-        [project.entry-points."posttrain.algorithms"]
-        {name} = "{name}_pkg"
-        [tool.setuptools]
-        packages = ["{name}_pkg"]
-    """))
-
-
 def _pip(*args):
     return subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", *args],
                           capture_output=True, text=True, check=True)
 
 
 @pytest.fixture
-def third_party(tmp_path):
+def third_party(tmp_path, write_plugin_package):
     """A plugin package written outside this repository and pip-installed like any other."""
     good = tmp_path / "good"
-    _write_pkg(good, "thirdgate", """
+    write_plugin_package(good, "thirdgate", """
         from dataclasses import dataclass
         from posttrain import GRPOConfig, Route, help_field, hookimpl
 
@@ -107,9 +89,9 @@ def third_party(tmp_path):
         def route_group(group, config):
             if group.num_correct() < config.min_correct:
                 return Route(drop=True)
-    """)
+    """, version="0.3.1")
     broken = tmp_path / "broken"
-    _write_pkg(broken, "brokenalgo", "import a_module_that_does_not_exist\n")
+    write_plugin_package(broken, "brokenalgo", "import a_module_that_does_not_exist\n", version="0.3.1")
     _pip("install", "--no-deps", "--no-build-isolation", str(good), str(broken))
     yield
     _pip("uninstall", "-y", "thirdgate-plugin", "brokenalgo-plugin")

@@ -143,37 +143,19 @@ def test_cli_new_plugin(tmp_path, monkeypatch, capsys):
 # --- scaffold → pip install -e → tests → YAML → 2-step run ---------------------------------------------
 
 
-def _write_pkg(root, name, body):
-    """A minimal plugin package (a broken one, for the listing)."""
-    (root / f"{name}_pkg").mkdir(parents=True)
-    (root / f"{name}_pkg" / "__init__.py").write_text(textwrap.dedent(body))
-    (root / "pyproject.toml").write_text(textwrap.dedent(f"""
-        [build-system]
-        requires = ["setuptools>=61"]
-        build-backend = "setuptools.build_meta"
-        [project]
-        name = "{name}-plugin"
-        version = "0.0.1"
-        [project.entry-points."posttrain.algorithms"]
-        {name} = "{name}_pkg"
-        [tool.setuptools]
-        packages = ["{name}_pkg"]
-    """))
-
-
 @pytest.fixture(scope="module")
-def kit(tmp_path_factory):
+def kit(tmp_path_factory, write_plugin_package):
     """The scaffolded plugin `kitdemo` installed editable, next to two broken plugins."""
     root = tmp_path_factory.mktemp("kit")
     pkg, _ = new_plugin("kitdemo", root / "posttrain-kitdemo")
-    _write_pkg(root / "b1", "kitbroken_import", "import a_module_that_does_not_exist\n")
-    _write_pkg(root / "b2", "kitbroken_hook", """
+    write_plugin_package(root / "b1", "kitbroken_import", "import a_module_that_does_not_exist\n", version="0.0.1")
+    write_plugin_package(root / "b2", "kitbroken_hook", """
         from posttrain import hookimpl
 
         @hookimpl
         def route_group(group, not_an_argument):  # not an argument of route_group
             return None
-    """)
+    """, version="0.0.1")
     site = root / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
                     "--no-build-isolation", "--target", str(site), "-e", str(pkg), str(root / "b1"), str(root / "b2")],
