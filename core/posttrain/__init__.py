@@ -19,6 +19,7 @@ _LAZY = {
     "ConfigError": "config", "GRPOConfig": "config", "help_field": "config", "Metrics": "metrics",
     "Example": "types", "LossTerm": "types", "ModelOutputs": "types", "Needs": "types", "PromptGroup": "types",
     "Route": "types", "Totals": "types", "Trajectory": "types", "TrainBatch": "types",
+    "RolloutRequest": "types", "StepPlan": "types", "GroupSelection": "types",
 }
 
 __all__ = ["__version__", "hookimpl", *_LAZY]

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .types import PromptGroup, Route, Totals, Trajectory, TrainBatch
+from .types import _TOKEN_FIELDS, PromptGroup, Route, Totals, Trajectory, TrainBatch
 
 
 @dataclass
@@ -54,6 +54,7 @@ def build_train_batch(groups: list[PromptGroup], routes: list[Route], pad_id: in
     input_ids = torch.full((n, P + L), pad_id, dtype=torch.long)
     attn = torch.zeros((n, P + L), dtype=torch.long)
     sampling = torch.zeros((n, L))
+    forced = torch.zeros((n, L), dtype=torch.bool)  # off-policy tokens: whole demonstrations, forced prefixes
     for i, r in enumerate(rows):
         p, t = r.prompt_ids, r.traj.response_ids
         input_ids[i, P - len(p):P] = torch.tensor(p, dtype=torch.long)
@@ -63,6 +64,7 @@ def build_train_batch(groups: list[PromptGroup], routes: list[Route], pad_id: in
             attn[i, P:P + len(t)] = 1
         if r.traj.sampling_logprobs is not None:
             sampling[i, :len(t)] = torch.tensor(r.traj.sampling_logprobs[:len(t)])
+        forced[i, :len(t) if r.traj.off_policy else min(r.traj.prefix_len, len(t))] = True
     response_mask = attn[:, P:].bool()
     return TrainBatch(
         input_ids=input_ids,
@@ -78,6 +80,9 @@ def build_train_batch(groups: list[PromptGroup], routes: list[Route], pad_id: in
         rl_weight=torch.tensor([r.rl for r in rows]),
         sft_weight=torch.tensor([r.sft for r in rows]),
         teacher=torch.tensor([-1 if r.traj.teacher is None else r.traj.teacher for r in rows]),
+        off_policy_mask=forced & response_mask,
+        finished=torch.tensor([bool(r.traj.finished) for r in rows]),
+        response_lengths=response_mask.sum(-1),
         sampling_logprobs=sampling,
     )
 
@@ -96,11 +101,14 @@ def trim_padding(batch: TrainBatch) -> TrainBatch:
     cols = slice(first, P + L)
     changes = dict(input_ids=batch.input_ids[:, cols], attention_mask=attn[:, cols],
                    position_ids=batch.position_ids[:, cols], prompt_len=P - first)
-    for name in ("response_ids", "response_mask", "sampling_logprobs", "old_logprobs", "ref_logprobs"):
+    width = batch.response_mask.shape
+    for name in _TOKEN_FIELDS:
         v = getattr(batch, name)
         changes[name] = None if v is None else v[:, :L]
     if batch.advantages is not None and batch.advantages.dim() == 2:
         changes["advantages"] = batch.advantages[:, :L]
+    changes["extras"] = {k: v[:, :L] if v.dim() >= 2 and tuple(v.shape[:2]) == tuple(width) else v
+                         for k, v in batch.extras.items()}
     return batch.with_(**changes)
 
 

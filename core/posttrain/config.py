@@ -55,6 +55,8 @@ class DataConfig:
     max_prompt_tokens: int = help_field(1024, "Prompts longer than this (after templating) raise an error naming the row.")
     max_demo_tokens: int = help_field(8192, "Demonstrations are cut to this many tokens (EOS is then not appended).")
     shuffle: bool = help_field(True, "Shuffle prompts each epoch (seeded by trainer.seed).")
+    offline: Optional[str] = help_field(None, "A second source of prompts with demonstrations (same formats as data.train), drawn every step besides data.train as offline groups (group.source='offline': no rollouts by default, SFT on their first demonstration unless the algorithm routes them otherwise).")
+    offline_per_step: int = help_field(0, "Prompts drawn from data.offline per step (all processes together).")
 
 
 @dataclass
@@ -85,6 +87,7 @@ class TrainerConfig:
     prompts_per_step: int = help_field(128, "Prompts per rollout step.")
     prompts_per_minibatch: Optional[int] = help_field(None, "Prompts per optimizer step; None = the whole rollout batch.")
     ppo_epochs: int = help_field(1, "Passes over each rollout batch.")
+    max_sampling_rounds: int = help_field(10, "When select_groups asks for more prompts (DAPO's dynamic sampling), at most this many rounds of draw → rollout → verify per step, the first included (DAPO's max_num_gen_batches); when the cap stops it the step trains on what it has and logs plan/rounds_capped = 1.")
     micro_batch_tokens: int = help_field(16384, "Token budget (rows × padded length) per forward/backward pass.")
     logprob_chunk: int = help_field(256, "Positions per chunk when computing log-probs/entropy (memory vs speed).")
     lr: float = help_field(1e-6, "AdamW learning rate.")

@@ -108,9 +108,9 @@ def stabilization_mask(batch, ratio, advantages, config):
     if config.clip_low is None:
         return None
     kept = F.ppo_clip_mask(ratio, advantages, config.clip_low, config.clip_high, config.clip_dual)
-    # Clipping is a trust region around the sampling policy; demonstrations were never sampled
-    # from it, so whether to clip them is the off-policy algorithm's decision, not ours.
-    return kept | batch.off_policy[:, None]
+    # Clipping is a trust region around the sampling policy; demonstrations and forced prefix
+    # tokens were never sampled from it, so whether to clip them is the off-policy algorithm's decision, not ours.
+    return kept | batch.off_policy_mask
 
 
 @hookimpl(trylast=True)

@@ -155,6 +155,19 @@ def sum_dataclass(obj: Any) -> Any:
     return replace(obj, **{n: type(getattr(obj, n))(v) for n, v in out.items()})
 
 
+def sum_dict(values: dict[str, list[float]]) -> dict[str, list[float]]:
+    """Element-wise sums of named lists of numbers over ranks (names may differ between ranks)."""
+    if world_size() == 1:
+        return values
+    gathered: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, values)
+    out: dict[str, list[float]] = {}
+    for d in gathered:
+        for k, v in d.items():
+            out[k] = [a + b for a, b in zip(out[k], v)] if k in out else list(v)
+    return out
+
+
 def shard(items: list, rank: int, world: int) -> list:
     """This rank's share of an evaluation set: ``items[rank::world]``, padded with copies of the
     last item to ``ceil(len / world)``. Every rank then makes the same number of generate calls,

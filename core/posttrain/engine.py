@@ -1,10 +1,13 @@
 """The training loop, top to bottom.
 
     for each rollout step:
-        sample prompts → rollout → compose_group → verify → route_group → build rows
-        → compute_advantage → (π_old, π_ref log-probs when needed)
-        → for each epoch, mini-batch: micro-batches → loss hooks → backward → optimizer step
-        → log, checkpoint
+        plan_step → draw prompts (+ data.offline, add_groups) → rollout_requests → rollout
+        → compose_group → verify → select_groups (→ more prompts, same step) → on_rollout_end
+        → route_group → build rows → compute_advantage → (π_old, π_ref log-probs when needed)
+        → for each epoch, mini-batch: (statistics) → micro-batches → loss hooks → backward
+        → optimizer step → log, checkpoint
+
+ZeRO's rule that every rank makes the same forward/backward calls lives in ``train/lockstep.py``.
 
 Algorithms change the step only through hooks (``hookspecs.py``); nothing here knows HPT from
 LUFFY.
@@ -28,11 +31,12 @@ from .data import DataError, PromptSampler, load_examples, render_prompt
 from .evaluate import evaluate_accuracy
 from .logging import RunLogger, progress
 from .metrics import Metrics
-from .plugins import build_registry
+from .plugins import build_registry, load_plugin_state, plugin_state
 from .loss import micro_batch_loss
-from .rollout import SamplingParams, hf_engine
+from .rollout import SamplingParams, generate_requests, hf_engine
+from .train import lockstep
 from .train.forward import logprobs_in_micro_batches, policy_outputs
-from .types import Example, PromptGroup, Route, Totals, Trajectory, TrainBatch
+from .types import Example, GroupSelection, PromptGroup, RolloutRequest, StepPlan, Totals, Trajectory, TrainBatch
 
 
 class Engine:
@@ -89,6 +93,10 @@ class Engine:
         # Evaluate when there is something to score: the held-out split and/or eval.benchmarks.
         self._evaluates = config.eval.enabled and bool(self.eval_examples or config.eval.benchmarks)
         self.sampler = PromptSampler(self.examples, config.trainer.prompts_per_step, config.trainer.seed, d.shuffle)
+        self.offline_sampler = None
+        if d.offline and d.offline_per_step:  # a second stream (expert data), its own order
+            offline = load_examples(d.offline, prompt_key=d.prompt_key, answer_key=d.answer_key, demo_keys=list(d.demo_keys))
+            self.offline_sampler = PromptSampler(offline, d.offline_per_step, config.trainer.seed + 1, d.shuffle)
         self.max_len = float(algo.loss_max_len or config.rollout.max_new_tokens) if hasattr(algo, "loss_max_len") else float(config.rollout.max_new_tokens)
         self._prompt_cache: dict[str, list[int]] = {}
 
@@ -100,9 +108,13 @@ class Engine:
             if hasattr(self.backend, "load_shards") and shards.is_dir():
                 self.backend.load_shards(shards)  # ZeRO: the optimizer moments each rank holds
             self.sampler.load_state_dict(state["sampler"])
+            if self.offline_sampler is not None and "offline_sampler" in state:
+                self.offline_sampler.load_state_dict(state["offline_sampler"])
             self.step = state["step"]
             own_rng = shards / _rank_rng_file(dist_utils.rank())
             ckpt.set_rng_state(torch.load(own_rng, weights_only=False) if own_rng.is_file() else rng)
+            own_plugins = shards / _rank_plugin_file(dist_utils.rank())
+            load_plugin_state(pm, torch.load(own_plugins, weights_only=True) if own_plugins.is_file() else state.get("plugins", {}))
         self._saved_step = self.step if resume_from is not None else None
         self.logger: Any = _NullLogger()
         if dist_utils.is_main():  # one writer: rank 0 logs, saves the config, talks to wandb
@@ -149,30 +161,20 @@ class Engine:
         t0 = time.perf_counter()
         m = Metrics()
         step = self.step
-        # Every rank draws the same prompts and keeps every world-th one (distributed.py explains why).
-        groups = [self.make_group(ex) for ex in self.sampler.next_batch()[dist_utils.rank()::self.world]]
-
-        if self.needs.rollouts:
-            r = self.cfg.rollout
-            params = SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens)
-            t_roll = time.perf_counter()
-            for g, trajs in zip(groups, self.rollout.generate([g.prompt_ids for g in groups], params, progress=self._bars)):
-                g.members = trajs
-            _rollout_metrics(groups, time.perf_counter() - t_roll, m)
-
-        groups = [self.hook.compose_group(group=g, config=self.algo, step=step, metrics=m) for g in groups]
-        self.verify(groups, m)
-        self.hook.on_rollout_end(groups=groups, step=step, metrics=m)
+        groups = self.step_groups(m)
         routes = [self.hook.route_group(group=g, config=self.algo, step=step, metrics=m) for g in groups]
         for kind in ("rl", "sft", "mix", "drop"):
-            m.log(f"route/{kind}", sum(r.kind == kind for r in routes) / len(routes))
+            m.log(f"route/{kind}", sum(r.kind == kind for r in routes) / max(1, len(routes)))
 
         batch = build_train_batch(groups, routes, self.tokenizer.pad_token_id)
+        # L_max and the step's totals (all ranks) are known before advantages: DAPO's overlong shaping reads them.
+        step_totals = dist_utils.sum_dataclass(totals_of(batch, self.max_len) if batch is not None else Totals(max_len=self.max_len))
         if dist_utils.max_int(int(batch is not None)) == 0:  # every prompt dropped (e.g. DYPO on an all-easy batch), on every rank
             m.log("train/empty_batch", 1.0)
             self.step += self.updates_per_step
             return dist_utils.reduce_metrics({**m.summary(), "time/step_s": time.perf_counter() - t0})
         if batch is not None:
+            batch = batch.with_(totals=step_totals)
             m.log("train/rows", len(batch))
             m.log("train/offline_data_ratio", float(batch.off_policy.float().mean()))
             batch.advantages = self.hook.compute_advantage(batch=batch, config=self.algo, step=step, metrics=m)
@@ -199,32 +201,89 @@ class Engine:
             m.log("mem/peak_gib", torch.cuda.max_memory_allocated(self.device) / 2**30, reduce="max")
         return dist_utils.reduce_metrics({**m.summary(), "time/step_s": time.perf_counter() - t0})
 
+    def step_groups(self, m: Metrics) -> list[PromptGroup]:
+        """The step's verified groups: planned, drawn, added, sampled, composed, verified, selected."""
+        step, r = self.step, self.cfg.rollout
+        plan = self.hook.plan_step(config=self.algo, step=step, metrics=m) or StepPlan()
+        sampling = self.needs.rollouts and plan.rollouts
+        n_prompts = self.cfg.trainer.prompts_per_step if plan.prompts is None else plan.prompts
+        fresh = self.draw(self.sampler, n_prompts, "train")
+        if self.offline_sampler is not None:
+            fresh += self.draw(self.offline_sampler, self.cfg.data.offline_per_step, "offline")
+        for added in self.hook.add_groups(config=self.algo, step=step, metrics=m, make_group=self.make_group):
+            fresh += list(added or [])
+        params = SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens)
+        kept, generated, target = [], [], n_prompts // self.world
+        for rounds in range(1, self.cfg.trainer.max_sampling_rounds + 1):
+            fresh = self.sample(fresh, sampling, params, m)
+            generated += fresh
+            selection = self.hook.select_groups(groups=kept + fresh, target=target, config=self.algo, step=step,
+                                                metrics=m) or GroupSelection(kept + fresh)
+            kept, more = list(selection.groups), dist_utils.max_int(selection.more)  # every rank draws alike
+            if more <= 0:
+                break
+            if rounds == self.cfg.trainer.max_sampling_rounds:
+                m.log("plan/rounds_capped", 1.0)
+                break
+            fresh = self.draw(self.sampler, more * self.world, "train")
+        m.log("plan/rounds", float(rounds))
+        m.log("plan/groups", float(len(kept)))
+        _reward_metrics(generated, m)
+        self.hook.on_rollout_end(groups=kept, step=step, metrics=m)
+        return kept
+
+    def draw(self, sampler: PromptSampler, n: int, source: str) -> list[PromptGroup]:
+        # Every rank draws the same prompts and keeps every world-th one (distributed.py explains why).
+        return [self.make_group(ex, source) for ex in sampler.next_batch(n)[dist_utils.rank()::self.world]] if n else []
+
+    def sample(self, groups: list[PromptGroup], sampling: bool, params: SamplingParams, m: Metrics) -> list[PromptGroup]:
+        """Roll out what ``rollout_requests`` asks for, then compose and verify every group."""
+        step = self.step
+        if self.rollout is not None:
+            defaults = [RolloutRequest(n=params.n if sampling and g.source == "train" and not g.members else 0) for g in groups]
+            requests = self.hook.rollout_requests(groups=groups, requests=defaults, config=self.algo, step=step, metrics=m) or defaults
+            if len(requests) != len(groups):
+                raise ValueError(f"rollout_requests returned {len(requests)} requests for {len(groups)} groups")
+            todo = [i for i, q in enumerate(requests) if q.n > 0]
+            if dist_utils.max_int(len(todo)) > 0:  # HF generate under ZeRO-3 is collective: all ranks or none
+                t_roll = time.perf_counter()
+                out = generate_requests(self.rollout, [groups[i].prompt_ids for i in todo], [requests[i] for i in todo],
+                                        params, eos_id=self.tokenizer.eos_token_id, progress=self._bars,
+                                        decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True))
+                for i, trajs in zip(todo, out):
+                    groups[i].members = trajs
+                _rollout_metrics([groups[i] for i in todo], time.perf_counter() - t_roll, m)
+        groups = [self.hook.compose_group(group=g, config=self.algo, step=step, metrics=m) for g in groups]
+        self.verify(groups, m)
+        return groups
+
     def update(self, mb: TrainBatch | None, m: Metrics) -> None:
         """One optimizer step on a mini-batch, accumulated over micro-batches.
 
         With several ranks, ``mb`` is this rank's part of the mini-batch (None: it has no rows
         this time). Totals are summed over ranks, so each rank's terms are its share of the
-        mini-batch loss; a rank with fewer micro-batches runs zero-loss passes, because ZeRO
-        communicates in every forward/backward and the ranks must stay in step.
+        mini-batch loss; a rank with fewer micro-batches runs zero-loss passes (``lockstep``).
         """
         rows = micro_batch_rows(mb, self.cfg.trainer.micro_batch_tokens, self.needs.whole_groups) if mb is not None else []
         n_micro = dist_utils.max_int(len(rows))
         totals = dist_utils.sum_dataclass(totals_of(mb, self.max_len, len(rows)) if mb is not None
                                             else Totals(max_len=self.max_len, micro_batches=0))
+        stats = self._minibatch_stats(mb, rows, n_micro) if self.needs.minibatch_stats else {}
         losses: dict[str, float] = {}
         for i in progress(range(n_micro), desc="train", enabled=self._bars):
             if i >= len(rows):
-                self.backend.backward(self._idle_loss(mb, rows, totals, m))
+                loss_of = lambda micro: sum(t.value for t in self.micro_loss(micro.with_(stats=stats), Metrics())[0])  # noqa: E731
+                self.backend.backward(lockstep.zero_loss(mb, rows, totals, self.device, loss_of, self._idle))
                 continue
-            micro = trim_padding(mb.select(rows[i])).with_(totals=totals).to(self.device)
-            terms, stats = self.micro_loss(micro, m)
+            micro = trim_padding(mb.select(rows[i])).with_(totals=totals, stats=stats).to(self.device)
+            terms, diag = self.micro_loss(micro, m)
             loss = sum(t.value for t in terms)
             self.backend.backward(loss)
             for t in terms:  # term values are normalised by mini-batch totals, so they add up
                 losses[f"loss/{t.name}"] = losses.get(f"loss/{t.name}", 0.0) + float(t.value.detach())
                 for k, v in t.metrics.items():
                     m.log(k, v)
-            for k, v in stats.items():
+            for k, v in diag.items():
                 m.log(k, v)
         for k, v in losses.items():
             m.log(k, v)
@@ -233,6 +292,24 @@ class Engine:
         m.log("train/grad_norm", grad_norm)
         m.log("train/skipped_steps", float(skipped), reduce="sum")
         m.log("train/lr", self.backend.lr, reduce="last")
+
+    @torch.no_grad()
+    def _minibatch_stats(self, mb: TrainBatch | None, rows: list, n_micro: int) -> dict[str, float]:
+        """``minibatch_statistics`` of the current policy over the whole mini-batch, all ranks."""
+        sums: dict[str, list[float]] = {}
+        for i in range(n_micro):
+            if i >= len(rows):
+                self._idle()
+                continue
+            micro = trim_padding(mb.select(rows[i])).to(self.device)
+            out = policy_outputs(self.backend.model, micro, temperature=self.cfg.rollout.temperature,
+                                 chunk=self.cfg.trainer.logprob_chunk, entropy=True)
+            for part in self.hook.minibatch_statistics(batch=micro, outputs=out, config=self.algo, step=self.step):
+                for name, (total, count) in (part or {}).items():
+                    acc = sums.setdefault(name, [0.0, 0.0])
+                    acc[0] += float(total)
+                    acc[1] += float(count)
+        return {k: (v[0] / v[1] if v[1] else float("nan")) for k, v in dist_utils.sum_dict(sums).items()}
 
     def micro_loss(self, micro: TrainBatch, m: Metrics):
         # bf16 autocast on GPU only: CPU runs stay in fp32 so resumed runs reproduce exactly.
@@ -243,7 +320,8 @@ class Engine:
 
     # --- pieces --------------------------------------------------------------------------------
 
-    def make_group(self, ex: Example) -> PromptGroup:
+    def make_group(self, ex: Example, source: str = "buffer") -> PromptGroup:
+        """A prompt and its demonstrations, tokenized (handed to ``add_groups`` as ``make_group``)."""
         if ex.uid not in self._prompt_cache:
             text = render_prompt(self.tokenizer, ex.prompt, template=self.cfg.data.template, system_prompt=self.cfg.data.system_prompt)
             ids = self.tokenizer(text, add_special_tokens=False).input_ids
@@ -257,7 +335,7 @@ class Engine:
             cut = len(ids) >= self.cfg.data.max_demo_tokens
             ids = ids[: self.cfg.data.max_demo_tokens] if cut else ids + [self.tokenizer.eos_token_id]
             demos.append(Trajectory(response_ids=ids, text=text, off_policy=True, teacher=i, finished=not cut))
-        return PromptGroup(example=ex, prompt_ids=self._prompt_cache[ex.uid], demonstrations=demos)
+        return PromptGroup(example=ex, prompt_ids=self._prompt_cache[ex.uid], demonstrations=demos, source=source)
 
     @property
     def _verifier(self):
@@ -276,19 +354,10 @@ class Engine:
         m.log("verify/timeouts", sum(r.status == "timeout" for r in results), reduce="sum")
         m.log("verify/errors", sum(r.status == "error" for r in results), reduce="sum")
         m.log("time/verify_s", time.perf_counter() - t)
-        on = [mem.reward for g in groups for mem in g.members if not mem.off_policy]
-        if on:
-            m.log("reward/mean", sum(on) / len(on))
-            m.log("reward/accuracy", sum(r > 0.5 for r in on) / len(on))
-            m.log("reward/solved_prompts", sum(g.num_correct() > 0 for g in groups) / len(groups))
-        off = [mem.reward for g in groups for mem in g.members if mem.off_policy]
-        if off:
-            m.log("reward/off_policy_mean", sum(off) / len(off))
 
     def _fill_logprobs(self, batch: TrainBatch | None) -> TrainBatch | None:
         """π_old is needed when one rollout feeds several updates; π_ref when asked for."""
         rows = micro_batch_rows(batch, self.cfg.trainer.micro_batch_tokens, self.needs.whole_groups) if batch is not None else []
-        # Under ZeRO-3 every forward is collective: a rank with fewer micro-batches repeats its first.
         n = dist_utils.max_int(len(rows))
         T, chunk = self.cfg.rollout.temperature, self.cfg.trainer.logprob_chunk
         for wanted, model, field in ((self.updates_per_step > 1, self.backend.model, "old_logprobs"),
@@ -298,34 +367,15 @@ class Engine:
             if batch is None:
                 with torch.no_grad():
                     for _ in range(n):
-                        self._idle_forward(model)
+                        self._idle(model, with_reference=False)
                 continue
-            padded = rows + [rows[0]] * (n - len(rows))  # a repeated row writes the same values again
-            setattr(batch, field, logprobs_in_micro_batches(model, batch, padded, temperature=T, chunk=chunk))
+            setattr(batch, field, logprobs_in_micro_batches(model, batch, lockstep.padded(rows, n), temperature=T, chunk=chunk))
         return batch
 
-    def _idle_forward(self, model, reference: Any = None) -> torch.Tensor:
-        """A zero computed the way real rows are (decoder, reference decoder, LM head), for a rank
-        with no rows while the others compute: under ZeRO-3 every forward gathers parameters from
-        all ranks, so each rank must make the same calls in the same order. The row is one pad
-        token predicting one pad token."""
-        pad = self.tokenizer.pad_token_id
-        demo = Trajectory(response_ids=[pad], text="", off_policy=True, teacher=0, finished=True)
-        group = PromptGroup(example=Example(prompt="", answer=""), prompt_ids=[pad], demonstrations=[demo])
-        batch = build_train_batch([group], [Route(rl=0.0, sft=1.0, demos=(0,), members=())], pad).to(self.device)
-        full_vocab = (lambda logits, ref_logp, labels: logits.float().sum(-1) * 0.0) if reference is not None else None
-        out = policy_outputs(model, batch, temperature=1.0, chunk=self.cfg.trainer.logprob_chunk,
-                             distribution_loss=full_vocab, reference=reference)
-        extra = out.distribution_loss.sum() if out.distribution_loss is not None else 0.0
-        return (out.logprobs.sum() + extra) * 0.0
-
-    def _idle_loss(self, mb: TrainBatch | None, rows: list, totals: Any, m: Metrics) -> torch.Tensor:
-        """A zero loss through the whole model: a forward and backward that add no gradient."""
-        if mb is None or not rows:
-            return self._idle_forward(self.backend.model, self.reference if self.needs.reference_vocab else None)
-        micro = trim_padding(mb.select(rows[0])).with_(totals=totals).to(self.device)
-        terms, _ = self.micro_loss(micro, Metrics())  # its metrics are not this step's
-        return sum(t.value for t in terms) * 0.0
+    def _idle(self, model: Any = None, with_reference: bool = True) -> torch.Tensor:
+        reference = self.reference if with_reference and self.needs.reference_vocab else None
+        return lockstep.idle_forward(model or self.backend.model, self.tokenizer.pad_token_id, self.device,
+                                     chunk=self.cfg.trainer.logprob_chunk, reference=reference)
 
     def _updates_per_rollout_step(self) -> int:
         t = self.cfg.trainer
@@ -364,11 +414,16 @@ class Engine:
         if hasattr(self.backend, "save_shards"):  # before COMPLETE is written: a complete step has its shards
             shards = self.run_dir / _SHARDS_DIR / path.name
             self.backend.save_shards(shards)
-            # Each rank samples with its own stream; the checkpoint's rng.pt holds rank 0's only.
+            # Each rank samples with its own stream and its plugins saw its own share; the
+            # checkpoint's rng.pt and trainer state hold rank 0's only.
             torch.save(ckpt.rng_state(), shards / _rank_rng_file(dist_utils.rank()))
+            torch.save(plugin_state(self.pm), shards / _rank_plugin_file(dist_utils.rank()))
             dist_utils.barrier()
         if dist_utils.is_main():
-            state = {"step": self.step, "backend": self.backend.state_dict(), "sampler": self.sampler.state_dict()}
+            state = {"step": self.step, "backend": self.backend.state_dict(), "sampler": self.sampler.state_dict(),
+                     "plugins": plugin_state(self.pm)}
+            if self.offline_sampler is not None:
+                state["offline_sampler"] = self.offline_sampler.state_dict()
             path = ckpt.save_checkpoint(self.run_dir, self.step, model=model, tokenizer=self.tokenizer,
                                         trainer_state=state, keep_last=self.cfg.keep_checkpoints)
             for d in (self.run_dir / _SHARDS_DIR).glob("step-*"):  # shards of pruned checkpoints go too
@@ -386,6 +441,19 @@ class Engine:
         return self.cfg.logging.progress and dist_utils.is_main()
 
 
+def _reward_metrics(groups: list[PromptGroup], m: Metrics) -> None:
+    """Rewards of everything sampled this step (also groups that select_groups dropped)."""
+    on = [mem.reward for g in groups for mem in g.members if not mem.off_policy and mem.reward is not None]
+    if on:
+        m.log("reward/mean", sum(on) / len(on))
+        m.log("reward/accuracy", sum(r > 0.5 for r in on) / len(on))
+        with_rollouts = [g for g in groups if g.on_policy]
+        m.log("reward/solved_prompts", sum(g.num_correct() > 0 for g in with_rollouts) / len(with_rollouts))
+    off = [mem.reward for g in groups for mem in g.members if mem.off_policy and mem.reward is not None]
+    if off:
+        m.log("reward/off_policy_mean", sum(off) / len(off))
+
+
 def _rollout_metrics(groups: list[PromptGroup], seconds: float, m: Metrics) -> None:
     trajs = [t for g in groups for t in g.members]
     tokens = sum(len(t.response_ids) for t in trajs)
@@ -400,6 +468,10 @@ _SHARDS_DIR = "zero_shards"  # run_dir/zero_shards/step-NNNNNN: per-rank optimiz
 
 def _rank_rng_file(rank: int) -> str:
     return f"rng-rank{rank}.pt"
+
+
+def _rank_plugin_file(rank: int) -> str:
+    return f"plugins-rank{rank}.pt"
 
 
 class _NullLogger:

@@ -2,11 +2,17 @@
 
 One step runs, top to bottom (``engine.py``)::
 
-    rollout → compose_group → verify → route_group → [build batch] → compute_advantage
-      → for each mini-batch, each micro-batch:
+    plan_step → draw prompts (+ data.offline) → add_groups
+      → rollout_requests → rollout → compose_group → verify → select_groups
+        (select_groups may ask for more prompts: draw → … → verify → select_groups again)
+      → on_rollout_end → route_group → [build batch] → compute_advantage
+      → for each mini-batch: (minibatch_statistics) → each micro-batch:
             forward (chunked) → reference_denominator → shape_ratio → stabilization_mask
             → build_loss → backward
         → optimizer step → on_step_end
+
+The same ``PromptGroup`` objects flow through every per-group hook of a step (a hook may mutate
+them or return new ones; the engine carries on with what it returns).
 
 This is the Unified Policy Gradient Estimator of the HPT paper cut into parts:
 
@@ -27,6 +33,23 @@ section of the YAML, validated against ``algorithm_config()``). ``step`` counts 
 steps of the run from 0. ``metrics`` is a ``posttrain.metrics.Metrics``: call
 ``metrics.log(name, value)`` to add a number to the step's metrics (``reduce=`` sum / max /
 min / last instead of the mean; ``weight=`` for a weighted mean, e.g. a token count).
+
+Plugins are modules of hook functions, or **classes** whose instance holds the algorithm's
+state. The engine creates ``Class(config)`` once per stage from the validated algorithm config
+(``algorithm_config`` must then be a ``@staticmethod``: it runs before the instance exists).
+An instance with ``state_dict() -> dict`` and ``load_state_dict(dict)`` has that state saved in
+every checkpoint and restored by ``resume: auto``, so a resumed run continues exactly. The state
+may hold tensors, numbers, strings, bools, None, and lists / tuples / dicts of those (checkpoints
+are loaded with ``torch.load(weights_only=True)``: nothing else is unpickled). Under several
+processes each rank saves and restores its own instance's state.
+
+Rollout engines (``register_rollout_engines``) implement ``posttrain.rollout.RolloutEngine``:
+``generate(prompts: list[list[int]], params: SamplingParams, *, progress) -> list[list[Trajectory]]``
+returns ``params.n`` trajectories per prompt (``response_ids`` with EOS when emitted,
+``sampling_logprobs`` [T], ``finished``), sampled from softmax(logits / temperature) with
+top-p; ``sync_weights(model)`` makes the next ``generate`` use the trainer's weights. Forced
+prefixes (``RolloutRequest.prefix``) need nothing from an engine: ``rollout.generate_requests``
+appends the prefix to the prompt, asks for the continuation and puts the prefix back in front.
 """
 
 from __future__ import annotations
@@ -37,7 +60,7 @@ import pluggy
 from torch import Tensor
 
 from .metrics import Metrics
-from .types import LossTerm, ModelOutputs, Needs, PromptGroup, Route, TrainBatch
+from .types import GroupSelection, LossTerm, ModelOutputs, Needs, PromptGroup, RolloutRequest, Route, StepPlan, TrainBatch
 
 hookspec = pluggy.HookspecMarker("posttrain")
 
@@ -102,6 +125,75 @@ def register_trainer_backends(register: Callable[[str, Callable[..., Any]], None
     """
 
 
+# --- planning a step -----------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def plan_step(config: Any, step: int, metrics: Metrics) -> StepPlan | None:
+    """Return a ``StepPlan`` for the step that starts now: sample rollouts or not, how many
+    prompts to draw (``None``: ``trainer.prompts_per_step``; 0: none).
+
+    ReLIFT-style methods plan an SFT-only step on a buffer with
+    ``StepPlan(rollouts=False, prompts=0)`` (no generation at all) and return the buffered
+    groups from ``add_groups``. ``Needs`` stays the stage's default; the plan overrides it for
+    one step (``rollouts=True`` cannot turn on rollouts for an offline algorithm).
+
+    Stops at the first non-None result; the default (None) draws ``trainer.prompts_per_step``
+    prompts and samples rollouts when ``Needs.rollouts``.
+    """
+
+
+@hookspec
+def add_groups(config: Any, step: int, metrics: Metrics, make_group: Callable[..., PromptGroup]) -> list[PromptGroup] | None:
+    """Return groups to train on this step that were not drawn from ``data.train``.
+
+    ``make_group(example: posttrain.Example, source: str = "buffer") -> PromptGroup``
+    tokenizes a prompt and its demonstrations the way drawn prompts are. A replay or
+    hard-prompt buffer returns its groups here; set ``group.source`` to say where they come
+    from. Groups without members get rollouts only if ``rollout_requests`` asks for them (the
+    default samples ``source == "train"`` groups only); groups with members are not sampled
+    again, and members with a reward are not verified again. Groups from ``data.offline`` (a
+    second data source with its own ``data.offline_per_step``) are added by the engine, with
+    ``source = "offline"``.
+
+    A broadcast hook: the groups of every implementation are appended, in plugin order.
+    Under several processes it runs on every rank; return this rank's share.
+    """
+
+
+@hookspec(firstresult=True)
+def rollout_requests(groups: list[PromptGroup], requests: list[RolloutRequest], config: Any, step: int,
+                     metrics: Metrics) -> list[RolloutRequest] | None:
+    """Return one ``RolloutRequest`` per group (same order): samples, forced prefix, tag.
+
+    ``requests`` are the engine's defaults: ``rollout.n`` samples without prefix for groups
+    drawn this step (``source == "train"``) on a rollout step, 0 for the rest. Prefix-guided
+    methods (UFT, Prefix-RFT, QuestA) return ``RolloutRequest(n, prefix=demo_ids[:k])``: the
+    trajectory then holds prefix + continuation, ``Trajectory.prefix_len = k``, and the prefix
+    tokens are off-policy in ``TrainBatch.off_policy_mask`` (left out of clipping and
+    ``rollout.is_cap``; the continuation trains on-policy). A prefix should not include the EOS
+    token unless nothing is to be sampled after it.
+
+    Stops at the first non-None result; the default keeps ``requests``.
+    """
+
+
+@hookspec(firstresult=True)
+def select_groups(groups: list[PromptGroup], target: int, config: Any, step: int, metrics: Metrics) -> GroupSelection | None:
+    """Return a ``GroupSelection``: the verified groups to keep and how many more prompts to draw.
+
+    Called after verification with every group of the step so far (kept groups first, then
+    the newly sampled ones). ``target`` is the number of prompts this process trains on per
+    step (``trainer.prompts_per_step`` / processes). Returning ``more > 0`` makes the engine
+    draw, roll out, compose and verify ``more`` prompts in the same step and call this hook
+    again, up to ``trainer.max_sampling_rounds`` rounds in all. DAPO's dynamic sampling keeps
+    groups whose rewards differ, asks for more until it has ``target`` of them, and keeps the
+    first ``target``. Under several processes all ranks draw ``max`` over ranks of ``more``.
+
+    Stops at the first non-None result; the default keeps every group and asks for nothing.
+    """
+
+
 # --- per prompt group --------------------------------------------------------------------------
 
 
@@ -145,6 +237,22 @@ def compute_advantage(batch: TrainBatch, config: Any, step: int, metrics: Metric
 
     Stops at the first non-None result; the default is the group-normalised reward
     (``functional.group_advantages`` with ``config.norm_adv_by_std``).
+    """
+
+
+@hookspec
+def minibatch_statistics(batch: TrainBatch, outputs: ModelOutputs, config: Any, step: int) -> dict[str, tuple[Tensor, Tensor]] | None:
+    """Return partial sums ``{name: (sum, count)}`` of a statistic of the current policy.
+
+    Only called when ``requirements`` sets ``minibatch_stats``. Before the loss of each
+    mini-batch, the engine runs the policy without gradient over all of its micro-batches (and
+    all ranks), calls this hook on each with ``outputs.logprobs`` [N, L] and
+    ``outputs.entropy`` [N, L] (entropy of π_θ's distribution, from the logits), adds the sums
+    and counts up, and hands ``sum / count`` to every micro-batch's loss hooks as
+    ``batch.stats[name]``. So a statistic of the whole mini-batch (SRFT's H(π_θ)) does not
+    depend on how the mini-batch is split. A statistic with count 0 is NaN.
+
+    A broadcast hook: the dicts of every implementation are merged.
     """
 
 
@@ -229,7 +337,10 @@ def build_loss(
     result. The default is −Σ mask·Â·f(ρ)·rl_weight aggregated by ``config.loss_agg``, plus
     ``config.sft_coef`` × token-mean NLL on rows with ``sft_weight``, minus
     ``config.entropy_coef`` × token-mean entropy, plus ``config.kl_coef`` × KL to the
-    reference.
+    reference. Its term names are stable: ``pg`` (policy gradient, present when the
+    mini-batch has RL rows), ``sft`` (rows with ``sft_weight``), ``entropy`` (when
+    ``entropy_coef > 0``), ``kl`` (when ``kl_coef > 0`` and RL rows); each is logged as
+    ``loss/<name>``. A wrapper adding a term picks a new name.
     """
 
 
@@ -238,17 +349,24 @@ def build_loss(
 
 @hookspec
 def on_train_start(config: Any, run_dir: str) -> None:
-    """Called once before the first step of a stage; ``config`` is the resolved run config."""
+    """Called once before the first step of a stage (also after a resume).
+
+    ``config`` is the whole resolved run config as a plain ``dict`` (``config["trainer"]["lr"]``);
+    ``run_dir`` is the stage's run directory as a ``str``. Algorithm settings reach the other
+    hooks as the validated dataclass instead.
+    """
 
 
 @hookspec
 def on_rollout_end(groups: list[PromptGroup], step: int, metrics: Metrics) -> None:
-    """Called after verification and before routing, with every group of the step."""
+    """Called after verification and ``select_groups``, before routing, with the step's groups
+    (``list[PromptGroup]``, every member verified: ``reward`` set)."""
 
 
 @hookspec
 def on_step_end(step: int, metrics: dict[str, float]) -> None:
-    """Called after each optimizer step with the step's reduced metrics (read-only)."""
+    """Called after each rollout step with the optimizer step count reached (``int``) and the
+    step's reduced metrics (``dict[str, float]``, a copy: changing it changes nothing)."""
 
 
 @hookspec

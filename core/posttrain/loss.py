@@ -37,7 +37,7 @@ def micro_batch_loss(hook: Any, algo: Any, step: int, model: Any, micro: TrainBa
     adv = adv[:, None].expand_as(out.logprobs) if adv.dim() == 1 else adv  # [N, L]
     is_stats = {}
     if is_cap is not None and micro.sampling_logprobs is not None:
-        sampled = micro.response_mask & ~micro.off_policy[:, None]  # demonstrations were never sampled
+        sampled = micro.on_policy_tokens  # demonstrations and forced prefixes were never sampled
         w = F.truncated_is_weight(micro.old_logprobs, micro.sampling_logprobs, sampled, is_cap)  # [N, L]
         adv = adv * w
         if sampled.any():
@@ -52,7 +52,7 @@ def micro_batch_loss(hook: Any, algo: Any, step: int, model: Any, micro: TrainBa
                             metrics=metrics)
 
     stats = {"train/entropy": float(F.masked_mean(out.entropy.detach(), micro.response_mask)), **is_stats}
-    on_policy = micro.response_mask & ~micro.off_policy[:, None] & (micro.rl_weight > 0)[:, None]
+    on_policy = micro.on_policy_tokens & (micro.rl_weight > 0)[:, None]
     if on_policy.any():
         stats["train/clip_frac"] = F.clip_fraction(mask, on_policy)
     if micro.ref_logprobs is not None:

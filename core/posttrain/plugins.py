@@ -10,7 +10,7 @@ from typing import Any, Iterable
 
 import pluggy
 
-from . import defaults, hookspecs
+from . import defaults, hookimpl, hookspecs
 
 ALGORITHMS = "posttrain.algorithms"
 EXTENSIONS = "posttrain.extensions"
@@ -78,17 +78,85 @@ def make_plugin_manager(algorithm: str, extensions: Iterable[str] = (), plugins:
     pm = pluggy.PluginManager("posttrain")
     pm.add_hookspecs(hookspecs)
     pm.register(defaults, name="posttrain.defaults")
-    pm.register(load_plugin_module(algorithm, ALGORITHMS), name=f"algorithm:{algorithm}")
+    pm.register(_registrable(load_plugin_module(algorithm, ALGORITHMS)), name=f"algorithm:{algorithm}")
     for ext in extensions:
-        pm.register(load_plugin_module(ext, EXTENSIONS), name=f"extension:{ext}")
+        pm.register(_registrable(load_plugin_module(ext, EXTENSIONS)), name=f"extension:{ext}")
     for i, p in enumerate(plugins):
-        pm.register(p, name=f"inline:{i}:{getattr(p, '__name__', type(p).__name__)}")
+        pm.register(_registrable(p), name=f"inline:{i}:{getattr(p, '__name__', type(p).__name__)}")
     pm.check_pending()  # a misspelt hook name fails here, not at step 3,000
     return pm
 
 
+# --- plugin instances ------------------------------------------------------------------------
+#
+# An entry point (or an inline plugin) may be a class instead of a module. Its instance holds
+# the algorithm's state for one stage: it is created from the validated config by
+# ``bind_plugins`` and its ``state_dict()`` is saved in every checkpoint. Until then a stand-in
+# answers ``algorithm_config`` (a staticmethod on the class: it is called before any instance
+# exists, to validate the config the instance is created with).
+
+
+class _Pending:
+    """Registered in place of a plugin class until ``bind_plugins`` creates its instance."""
+
+    def __init__(self, factory: Any) -> None:
+        self.factory = factory
+
+    @hookimpl
+    def algorithm_config(self):
+        fn = getattr(self.factory, "algorithm_config", None)
+        return fn() if fn is not None else None
+
+
+def _registrable(obj: Any) -> Any:
+    return _Pending(obj) if isinstance(obj, type) else obj
+
+
+def bind_plugins(pm: pluggy.PluginManager, config: Any) -> None:
+    """Create every class plugin's instance from the validated algorithm ``config``.
+
+    Plugins registered after a class keep their place (pluggy calls later registrations
+    first), so everything from the first pending plugin on is registered again, in order.
+    """
+    order = [(name, p) for name, p in pm.list_name_plugin() if p is not None]
+    first = next((i for i, (_, p) in enumerate(order) if isinstance(p, _Pending)), None)
+    if first is None:
+        return
+    for name, p in order[first:]:
+        pm.unregister(p, name=name)
+    for name, p in order[first:]:
+        if isinstance(p, _Pending):
+            try:
+                p = p.factory(config)
+            except Exception as e:  # the plugin's own constructor: name it
+                raise PluginError(f"{name}: creating {getattr(p.factory, '__name__', p.factory)}(config) raised "
+                                  f"{type(e).__name__}: {e}") from e
+        pm.register(p, name=name)
+    pm.check_pending()
+
+
+def stateful_plugins(pm: pluggy.PluginManager) -> dict[str, Any]:
+    """Registered plugin instances with ``state_dict`` / ``load_state_dict``, by registration name."""
+    return {name: p for name, p in pm.list_name_plugin()
+            if p is not None and not isinstance(p, type) and callable(getattr(p, "state_dict", None))
+            and callable(getattr(p, "load_state_dict", None))}
+
+
+def plugin_state(pm: pluggy.PluginManager) -> dict[str, Any]:
+    return {name: p.state_dict() for name, p in stateful_plugins(pm).items()}
+
+
+def load_plugin_state(pm: pluggy.PluginManager, state: dict[str, Any]) -> None:
+    for name, p in stateful_plugins(pm).items():
+        if name in state:
+            p.load_state_dict(state[name])
+
+
 def overridden_hooks(module: Any) -> list[str]:
-    """Names of the hooks a plugin module implements."""
+    """Names of the hooks a plugin module (or class) implements."""
+    if isinstance(module, type):  # a class: its hookimpls, read without creating an instance
+        return sorted(n for n in dir(module) if hasattr(getattr(module, n, None), "posttrain_impl")
+                      and hasattr(hookspecs, n))
     pm = pluggy.PluginManager("posttrain")
     pm.add_hookspecs(hookspecs)
     pm.register(module, name="probe")

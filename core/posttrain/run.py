@@ -9,7 +9,7 @@ from typing import Any, Iterable
 from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError, RunConfig, load_yaml, merge_layers, stage_configs, validate_algorithm, validate_core
-from .plugins import PluginError, make_plugin_manager
+from .plugins import PluginError, bind_plugins, make_plugin_manager
 
 
 @dataclass
@@ -41,6 +41,11 @@ def resolve(cfg: DictConfig, *, plugins: Iterable[Any] = (), source: str = "conf
         else:
             algo, more = validate_algorithm(section, pm.hook.algorithm_config(), source)
             problems += more
+            if not more:
+                try:
+                    bind_plugins(pm, algo)  # class plugins: one instance per stage, from the validated config
+                except PluginError as e:
+                    problems.append(f"algorithm.name: {e}")
     if problems:
         raise ConfigError(problems, source)
     return Resolved(run, algo, pm, cfg)

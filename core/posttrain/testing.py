@@ -451,7 +451,7 @@ def check_algorithm_plugin(name: str, *, model_dir: str | Path | None = None, st
     from transformers import AutoModelForCausalLM
 
     from .config import validate_algorithm
-    from .plugins import make_plugin_manager
+    from .plugins import bind_plugins, make_plugin_manager
 
     checker = ContractChecker("setup")
     pm = make_plugin_manager(name, plugins=[*plugins, checker])  # ``plugins``: extra in-process ones; the checker last
@@ -467,6 +467,7 @@ def check_algorithm_plugin(name: str, *, model_dir: str | Path | None = None, st
         raise PluginContractError(f"algorithm_config: {schema.__name__}() with its defaults raised {type(e).__name__}: {e}") from e
     _, problems = validate_algorithm({"name": name}, schema, f"algorithm '{name}'")
     _require(not problems, "algorithm_config", f"its defaults do not validate as a config section: {problems}")
+    bind_plugins(pm, config)
     needs = hook.requirements(config=config)
 
     with tempfile.TemporaryDirectory() as tmp:

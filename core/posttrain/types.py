@@ -36,6 +36,8 @@ class Trajectory:
     finished: bool = True  # ended with EOS (False: cut at max_new_tokens)
     teacher: int | None = None  # index into Example.demonstrations, for demonstrations
     verify_status: str = "ok"  # ok | timeout | error | skipped
+    prefix_len: int = 0  # leading response tokens forced from a RolloutRequest's prefix (off-policy)
+    tag: str = ""  # the RolloutRequest's tag
 
     @property
     def correct(self) -> bool:
@@ -50,6 +52,7 @@ class PromptGroup:
     prompt_ids: list[int]  # [P_i] the templated prompt, unpadded
     members: list[Trajectory] = field(default_factory=list)  # [G] what RL trains on
     demonstrations: list[Trajectory] = field(default_factory=list)  # tokenized Example.demonstrations
+    source: str = "train"  # "train" (drawn this step), "offline" (data.offline) or a plugin's tag (add_groups)
 
     @property
     def rewards(self) -> Tensor:  # [G] float
@@ -95,6 +98,47 @@ class Route:
 
 
 @dataclass(frozen=True)
+class RolloutRequest:
+    """What to sample for one prompt group (``rollout_requests``).
+
+    ``prefix`` tokens are forced: the engine continues the prompt after them, and the
+    trajectory's response is prefix + continuation with ``prefix_len = len(prefix)``. Prefix
+    tokens are off-policy (``TrainBatch.off_policy_mask``); the continuation is on-policy.
+    ``n = 0`` samples nothing for the group (it trains on its demonstrations only).
+    """
+
+    n: int
+    prefix: tuple[int, ...] = ()
+    tag: str = ""
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How a step starts (``plan_step``): sample rollouts or not, and how many prompts to draw.
+
+    ``prompts=None`` draws ``trainer.prompts_per_step``; 0 draws none (a step on ``add_groups``
+    or ``data.offline`` groups only). ``rollouts=False`` makes this step offline even when the
+    stage's ``Needs.rollouts`` is True (e.g. an SFT-only step on a buffer, with no generation).
+    """
+
+    rollouts: bool = True
+    prompts: int | None = None
+
+
+@dataclass
+class GroupSelection:
+    """What ``select_groups`` keeps of a step's verified groups, and how many more prompts it wants.
+
+    ``more > 0`` makes the engine draw, roll out, compose and verify that many more prompts in
+    the same step and call ``select_groups`` again with the kept groups plus the new ones, up to
+    ``trainer.max_sampling_rounds`` rounds (``plan/rounds_capped`` is logged when the cap stops it).
+    """
+
+    groups: list[PromptGroup]
+    more: int = 0
+
+
+@dataclass(frozen=True)
 class Needs:
     """What an algorithm asks the engine to compute (returned by ``requirements``)."""
 
@@ -103,6 +147,7 @@ class Needs:
     entropy: bool = False  # token entropy of π_θ → ModelOutputs.entropy (computed in chunks)
     reference_vocab: bool = False  # frozen model's full-vocab log-probs → token_distribution_loss
     whole_groups: bool = False  # micro-batches never split a prompt's rows (group-level losses, DYPO's GAL)
+    minibatch_stats: bool = False  # a no-grad pass over each mini-batch feeds minibatch_statistics → TrainBatch.stats
 
 
 @dataclass(frozen=True)
@@ -126,8 +171,10 @@ class Totals:
 _ROW_FIELDS = (
     "input_ids", "attention_mask", "position_ids", "response_ids", "response_mask",
     "old_logprobs", "sampling_logprobs", "ref_logprobs", "rewards", "group_index", "prompt_index",
-    "off_policy", "rl_weight", "sft_weight", "teacher", "advantages",
+    "off_policy", "off_policy_mask", "rl_weight", "sft_weight", "teacher", "advantages", "finished", "response_lengths",
 )
+# Of those, the ones with a response-position dimension, cut with the padding columns.
+_TOKEN_FIELDS = ("response_ids", "response_mask", "off_policy_mask", "sampling_logprobs", "old_logprobs", "ref_logprobs")
 
 
 @dataclass
@@ -151,12 +198,26 @@ class TrainBatch:
     rl_weight: Tensor  # [N] float, Route.rl for rows trained with RL, else 0
     sft_weight: Tensor  # [N] float, Route.sft for demonstration rows trained with SFT, else 0
     teacher: Tensor  # [N] long, demonstration index, -1 for rollouts
+    off_policy_mask: Tensor | None = None  # [N, L] bool, tokens not sampled from π_θ: demonstrations, forced prefixes
+    finished: Tensor | None = None  # [N] bool, the response ended with EOS (False: cut at the length cap)
+    response_lengths: Tensor | None = None  # [N] long, response tokens (EOS included)
     sampling_logprobs: Tensor | None = None  # [N, L] from the rollout engine, 0 on demonstrations
     old_logprobs: Tensor | None = None  # [N, L] π_old, the policy before this step's updates
     ref_logprobs: Tensor | None = None  # [N, L] frozen reference model (Needs.reference)
     advantages: Tensor | None = None  # [N] or [N, L], set from compute_advantage
     totals: Totals = field(default_factory=Totals)
-    extras: dict[str, Tensor] = field(default_factory=dict)  # plugin per-row tensors [N, ...]
+    stats: dict[str, float] = field(default_factory=dict)  # mini-batch statistics (minibatch_statistics)
+    # Plugin per-row tensors [N, ...]; one whose first two dims are [N, L] (the response_mask's
+    # shape) is per-token and is cut with the padding columns like the fields above.
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.off_policy_mask is None:  # batches built by hand: whole demonstration rows are off-policy
+            self.off_policy_mask = self.response_mask & self.off_policy[:, None]
+        if self.response_lengths is None:
+            self.response_lengths = self.response_mask.sum(-1)
+        if self.finished is None:
+            self.finished = torch.ones(len(self), dtype=torch.bool)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -166,8 +227,12 @@ class TrainBatch:
         return self.response_mask.float()
 
     @property
-    def off_policy_tokens(self) -> Tensor:  # [N, L] bool
-        return self.response_mask & self.off_policy[:, None]
+    def off_policy_tokens(self) -> Tensor:  # [N, L] bool: demonstration rows and forced prefix tokens
+        return self.response_mask & self.off_policy_mask
+
+    @property
+    def on_policy_tokens(self) -> Tensor:  # [N, L] bool: tokens sampled from the policy
+        return self.response_mask & ~self.off_policy_mask
 
     def select(self, rows: Tensor | list[int] | slice) -> "TrainBatch":
         """Rows of this batch (totals and prompt_len kept, extras sliced)."""

@@ -22,9 +22,11 @@ class PromptSampler:
         # A generator per epoch (not a running one), so the order is a function of (seed, epoch) alone.
         return np.random.default_rng(self.seed + epoch).permutation(n) if self.shuffle else np.arange(n)
 
-    def next_batch(self) -> list[Example]:
+    def next_batch(self, size: int | None = None) -> list[Example]:
+        """The next ``size`` prompts (default: the batch size), continuing into the next epoch."""
+        size = self.batch_size if size is None else size
         out = []
-        while len(out) < self.batch_size:
+        while len(out) < size:
             if self.cursor == len(self._order):
                 self.epoch, self.cursor = self.epoch + 1, 0
                 self._order = self._order_for(self.epoch)
