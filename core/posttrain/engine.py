@@ -32,10 +32,10 @@ from .evaluate import evaluate_accuracy
 from .logging import RunLogger, progress
 from .metrics import Metrics
 from .plugins import build_registry, load_plugin_state, plugin_state
-from .loss import micro_batch_loss
+from .loss import add_statistics, finish_statistics, micro_batch_loss
 from .rollout import SamplingParams, generate_requests, hf_engine
 from .train import lockstep
-from .train.forward import logprobs_in_micro_batches, policy_outputs
+from .train.forward import logprobs_in_micro_batches
 from .types import Example, GroupSelection, PromptGroup, RolloutRequest, StepPlan, Totals, Trajectory, TrainBatch
 
 
@@ -301,15 +301,9 @@ class Engine:
             if i >= len(rows):
                 self._idle()
                 continue
-            micro = trim_padding(mb.select(rows[i])).to(self.device)
-            out = policy_outputs(self.backend.model, micro, temperature=self.cfg.rollout.temperature,
-                                 chunk=self.cfg.trainer.logprob_chunk, entropy=True)
-            for part in self.hook.minibatch_statistics(batch=micro, outputs=out, config=self.algo, step=self.step):
-                for name, (total, count) in (part or {}).items():
-                    acc = sums.setdefault(name, [0.0, 0.0])
-                    acc[0] += float(total)
-                    acc[1] += float(count)
-        return {k: (v[0] / v[1] if v[1] else float("nan")) for k, v in dist_utils.sum_dict(sums).items()}
+            add_statistics(sums, self.hook, self.algo, self.step, self.backend.model, trim_padding(mb.select(rows[i])),
+                           temperature=self.cfg.rollout.temperature, chunk=self.cfg.trainer.logprob_chunk)
+        return finish_statistics(dist_utils.sum_dict(sums))
 
     def micro_loss(self, micro: TrainBatch, m: Metrics):
         # bf16 autocast on GPU only: CPU runs stay in fp32 so resumed runs reproduce exactly.

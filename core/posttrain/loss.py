@@ -67,3 +67,20 @@ def _distribution_loss(hook, algo, step, metrics, logits, reference_logprobs, la
     if out is None:
         raise RuntimeError("requirements() asked for reference_vocab, but no plugin implements token_distribution_loss")
     return out
+
+
+@torch.no_grad()
+def add_statistics(sums: dict[str, list[float]], hook: Any, algo: Any, step: int, model: Any, micro: TrainBatch, *,
+                   temperature: float, chunk: int) -> None:
+    """Add one micro-batch's ``minibatch_statistics`` (sum, count) to ``sums`` (no gradient)."""
+    out = policy_outputs(model, micro, temperature=temperature, chunk=chunk, entropy=True)
+    for part in hook.minibatch_statistics(batch=micro, outputs=out, config=algo, step=step):
+        for name, (total, count) in (part or {}).items():
+            acc = sums.setdefault(name, [0.0, 0.0])
+            acc[0] += float(total)
+            acc[1] += float(count)
+
+
+def finish_statistics(sums: dict[str, list[float]]) -> dict[str, float]:
+    """sum / count per statistic (NaN for a count of 0): what ``batch.stats`` holds."""
+    return {k: (s / c if c else float("nan")) for k, (s, c) in sums.items()}

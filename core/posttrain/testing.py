@@ -538,14 +538,19 @@ def _routed_batch(hook, config, needs, groups, step, reference):
 def _loss(hook, config, step, needs, model, reference, batch, split, checker):
     """(total loss, loss per term, gradients) of the batch processed as the given micro-batches."""
     from .batching import totals_of, trim_padding
-    from .loss import micro_batch_loss
+    from .loss import add_statistics, finish_statistics, micro_batch_loss
     from .metrics import Metrics
 
     model.zero_grad(set_to_none=True)
     totals = totals_of(batch, max_len=16, micro_batches=len(split))
+    sums: dict = {}
+    if needs.minibatch_stats:  # the engine's statistic pass over the whole mini-batch, before its loss
+        for rows in split:
+            add_statistics(sums, hook, config, step, model, trim_padding(batch.select(rows)), temperature=1.0, chunk=4)
+    stats = finish_statistics(sums)
     total, parts = 0.0, {}
     for rows in split:
-        micro = trim_padding(batch.select(rows)).with_(totals=totals)
+        micro = trim_padding(batch.select(rows)).with_(totals=totals, stats=stats)
         terms, _ = micro_batch_loss(hook, config, step, model, micro, Metrics(), needs=needs, reference=reference, chunk=4)
         for t in terms:
             parts[t.name] = parts.get(t.name, 0.0) + float(t.value.detach())

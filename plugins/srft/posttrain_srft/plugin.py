@@ -23,6 +23,8 @@ step's policy entropy around the core's group advantage, ``build_loss`` builds t
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -32,18 +34,20 @@ from torch import Tensor
 from posttrain import GRPOConfig, LossTerm, Needs, Route, help_field, hookimpl
 from posttrain import functional as F
 
-ENTROPY_LEVELS = ("sequence", "batch")
+ENTROPY_LEVELS = ("sequence", "policy", "batch")
 # What each profile fills in for the fields left at None.
 PROFILES = {
     # The HPT repository's re-implementation (exp_scripts/train_srft.sh + mix_actor.py, srft branch).
     "reference": dict(entropy_level="sequence", demo_shaping="p_div_p", norm_adv_by_std=False,
                       loss_agg="token-sum-norm", entropy_coef=0.001),
     # The paper's equations; where they are silent, verl's defaults (the paper's framework).
-    "paper": dict(entropy_level="batch", demo_shaping="none", norm_adv_by_std=True,
+    "paper": dict(entropy_level="policy", demo_shaping="none", norm_adv_by_std=True,
                   loss_agg="token-mean", entropy_coef=0.0),
 }
 # batch.extras key of the step's policy-entropy estimate (entropy_level: batch), one value per row.
 BATCH_ENTROPY = "srft_batch_entropy"
+# batch.stats key of H(π_θ) over the mini-batch (entropy_level: policy), from minibatch_statistics.
+POLICY_ENTROPY = "srft/policy_entropy"
 
 
 @dataclass
@@ -59,9 +63,11 @@ class SRFTConfig(GRPOConfig):
     entropy_level: Optional[str] = help_field(
         None,
         "Which entropy H the weights use: sequence (each row's own mean token entropy: the demonstration's for "
-        "w_SFT, each rollout's for w_RL; the reference implementation) | batch (the policy's mean token entropy "
-        "over the step's on-policy tokens, estimated as the mean of −log π_old(y_t) over the sampled tokens, one "
-        "number per step; the paper's H(π_θ)). None: profile (reference: sequence, paper: batch).")
+        "w_SFT, each rollout's for w_RL; the reference implementation) | policy (the paper's H(π_θ), Eqs. 8/12: "
+        "the entropy of the current policy's distribution, from its logits, averaged over the mini-batch's "
+        "on-policy rollout tokens before its loss; independent of the micro-batch split) | batch (an estimate "
+        "of it without a forward pass: the mean of −log π_old(y_t) over the step's sampled tokens, one number per "
+        "step). None: profile (reference: sequence, paper: policy).")
     sft_weight_scale: float = help_field(
         0.5, "w_SFT = sft_weight_scale · exp(−H), stop-gradient. Paper Eq. 8 and reference: 0.5.")
     rl_weight_scale: float = help_field(
@@ -131,7 +137,17 @@ def requirements(config):
     # Token entropy (chunked, with gradient) for per-sequence weights and for the bonus; the batch
     # level reads the rollout engine's sampled log-probs instead and needs no entropy pass.
     return Needs(rollouts=True, reference=config.kl_coef > 0,
-                 entropy=config.entropy_level == "sequence" or config.entropy_coef > 0)
+                 entropy=config.entropy_level == "sequence" or config.entropy_coef > 0,
+                 minibatch_stats=config.entropy_level == "policy")
+
+
+@hookimpl
+def minibatch_statistics(batch, outputs, config):
+    """``entropy_level: policy``: Σ H(π_θ(·|s_t)) and the token count over on-policy rollout tokens."""
+    if config.entropy_level != "policy":
+        return None
+    on = batch.on_policy_tokens & (batch.rl_weight > 0)[:, None]
+    return {POLICY_ENTROPY: ((outputs.entropy.float() * on).sum(), on.sum())}
 
 
 # --- the weights -----------------------------------------------------------------------------------------
@@ -153,6 +169,12 @@ def sequence_entropy(entropy: Tensor, mask: Tensor) -> Tensor:
 
 def row_entropy(batch, outputs, config: SRFTConfig) -> Tensor:
     """H per row [N], the entropy the weights of that row use (no gradient)."""
+    if config.entropy_level == "policy":
+        h = batch.stats.get(POLICY_ENTROPY, float("nan"))
+        if not math.isfinite(h):
+            raise RuntimeError("srft (entropy_level: policy): the mini-batch has no on-policy rollout tokens to take "
+                               "H(π_θ) over (batch.stats lacks srft/policy_entropy)")
+        return torch.full((len(batch),), float(h), device=outputs.logprobs.device)
     if config.entropy_level == "batch":
         if BATCH_ENTROPY not in batch.extras:
             raise RuntimeError("srft (entropy_level: batch): batch.extras lacks the step's entropy estimate; "

@@ -190,7 +190,7 @@ def test_batch_entropy_is_recorded_around_any_advantage():
             return torch.zeros(len(batch))
 
     pm = make_plugin_manager("srft", plugins=[ZeroAdvantage()])
-    batch = _step(pm, SRFTConfig(profile="paper"))
+    batch = _step(pm, SRFTConfig(profile="paper", entropy_level="batch"))
     assert batch.advantages.tolist() == [0.0] * 3
     assert batch.extras[srft.BATCH_ENTROPY].tolist() == [0.5] * 3
 
@@ -246,7 +246,8 @@ def test_reference_profile_terms_and_gradients(pm):
 
 
 def test_paper_profile_terms_and_gradients(pm):
-    cfg = SRFTConfig(profile="paper")  # batch entropy, f(p) = p, std, token-mean over the 9 RL tokens, no bonus
+    # the paper profile with the sampled-token entropy estimate (the H(π_θ) itself: test_paper_profile_uses_the_policy_entropy)
+    cfg = SRFTConfig(profile="paper", entropy_level="batch")  # f(p) = p, std, token-mean over the 9 RL tokens, no bonus
     assert cfg.entropy_level == "batch" and cfg.loss_agg == "token-mean" and cfg.entropy_coef == 0.0
     batch = _step(pm, cfg)
     # H = mean(−sampled log π) over the 5 rollout tokens = (0.5+0.5 + 0.25+0.5+0.75)/5 = 0.5, for every row
@@ -318,7 +319,7 @@ def test_stop_gradient_through_the_weights(pm):
 
 
 def test_micro_batch_invariance_paper_profile(pm):
-    cfg = SRFTConfig(profile="paper")
+    cfg = SRFTConfig(profile="paper", entropy_level="batch")
     batch = _step(pm, cfg)
     whole = sum(_loss(pm, batch, _outputs(), cfg).values())
     out = _outputs()
@@ -353,7 +354,7 @@ def test_profiles_fill_unset_fields_and_explicit_values_win():
     paper, problems = validate_algorithm({"name": "srft", "profile": "paper", "norm_adv_by_std": False}, SRFTConfig)
     assert not problems
     assert (paper.entropy_level, paper.demo_shaping, paper.norm_adv_by_std, paper.loss_agg, paper.entropy_coef) == \
-        ("batch", "none", False, "token-mean", 0.0)
+        ("policy", "none", False, "token-mean", 0.0)
     assert ref.clip_low is None and ref.kl_coef == 0.0 and ref.sft_weight_scale == 0.5 and ref.rl_weight_scale == 0.1
     for bad in ({"profile": "official"}, {"entropy_level": "token"}, {"demo_shaping": "luffy"}, {"ratio_level": "sequence"}):
         obj, problems = validate_algorithm({"name": "srft", **bad}, SRFTConfig)
@@ -363,7 +364,10 @@ def test_profiles_fill_unset_fields_and_explicit_values_win():
 def test_requirements():
     assert srft.requirements(config=SRFTConfig()).entropy is True
     needs = srft.requirements(config=SRFTConfig(profile="paper"))
-    assert needs.rollouts and not needs.entropy and not needs.reference  # batch entropy comes from the rollouts
+    # H(π_θ) comes from the mini-batch statistic pass, not from the loss pass's entropy
+    assert needs.rollouts and needs.minibatch_stats and not needs.entropy and not needs.reference
+    needs = srft.requirements(config=SRFTConfig(profile="paper", entropy_level="batch"))
+    assert not needs.minibatch_stats and not needs.entropy  # the estimate comes from the rollouts
 
 
 def test_check_algorithm_plugin():
@@ -422,3 +426,38 @@ def test_two_step_tiny_run(tmp_path, profile):
         assert r["train/offline_data_ratio"] == pytest.approx(1 / 4)  # 3 rollouts + 1 demonstration per prompt
     assert ("loss/entropy" in rows[0]) == (profile == "reference")
     json.dumps(rows)  # plain numbers
+
+
+def test_paper_profile_uses_the_policy_entropy(pm, tmp_path):
+    """Eqs. 8/12's H(π_θ): the entropy of the policy's distribution (from its logits) over the
+    mini-batch's rollout tokens, not −mean log π_sampling of the sampled tokens (0.5 here)."""
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.testing import make_tiny_model
+    from posttrain.train.forward import policy_outputs
+
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_model(tmp_path / "m"))
+    cfg = SRFTConfig(profile="paper")
+    batch = _step(pm, cfg)
+    with torch.no_grad():
+        out = policy_outputs(model, batch, temperature=1.0, chunk=2, entropy=True)
+        # independently: softmax of the full logits at the positions that predict each response token
+        P, L = batch.prompt_len, batch.response_ids.shape[1]
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                       position_ids=batch.position_ids).logits[:, P - 1:P - 1 + L]
+        ent = torch.distributions.Categorical(logits=logits).entropy()
+    rollout_tokens = batch.response_mask & ~batch.off_policy[:, None]  # rows 0, 1: 2 + 3 tokens
+    expected = float(ent[rollout_tokens].mean())
+    (part,) = [p for p in pm.hook.minibatch_statistics(batch=batch, outputs=out, config=cfg, step=0) if p]
+    total, count = part[srft.POLICY_ENTROPY]
+    assert float(count) == 5 and float(total) / float(count) == pytest.approx(expected, rel=1e-5)
+    assert abs(expected - 0.5) > 0.5  # a random tiny model is near-uniform: H ≈ ln V, far from the estimate
+    # split over two micro-batches, the sums add up to the same statistic
+    parts = [next(p for p in pm.hook.minibatch_statistics(batch=batch.select(r), outputs=ModelOutputs(
+        logprobs=out.logprobs[r], entropy=out.entropy[r]), config=cfg, step=0) if p)[srft.POLICY_ENTROPY]
+        for r in ([0], [1, 2])]
+    assert float(sum(t for t, _ in parts) / sum(c for _, c in parts)) == pytest.approx(expected, rel=1e-5)
+    # the weights read it from batch.stats
+    got = _loss(pm, batch.with_(stats={srft.POLICY_ENTROPY: expected}), _outputs(), cfg)
+    w_sft = 0.5 * math.exp(-expected)
+    assert float(got["sft_demo"].detach()) == pytest.approx(w_sft * LN2, abs=1e-6)
