@@ -422,3 +422,112 @@ def test_split_loss_matches_a_hand_computed_grpo_loss_for_any_split():
     assert apart.total == pytest.approx(whole.total, rel=1e-6)
     assert torch.allclose(whole.logprob_grad, fill_tokens(batch, [-a / 5, a / 5]), atol=1e-6)
     assert torch.allclose(apart.logprob_grad, whole.logprob_grad, atol=1e-7) and whole.entropy_grad is None
+
+
+# --- contract v2: planning hooks, state, a run that trains nothing ----------------------------------
+
+
+def test_new_hooks_are_checked(model_dir):
+    from posttrain import GroupSelection, RolloutRequest
+
+    class NewGroups:
+        @hookimpl
+        def select_groups(self, groups):
+            return GroupSelection([tiny_group([1, 0])])  # not one of the verified groups
+
+    with pytest.raises(PluginContractError, match=r"^select_groups: GroupSelection.groups must be groups it was given"):
+        check_algorithm_plugin("grpo", model_dir=model_dir, plugins=[NewGroups()])
+
+    class TooFewRequests:
+        @hookimpl
+        def rollout_requests(self, groups):
+            return [RolloutRequest(n=2)]
+
+    with pytest.raises(PluginContractError, match=r"^rollout_requests: must return one RolloutRequest per group \(4\)"):
+        check_algorithm_plugin("grpo", model_dir=model_dir, plugins=[TooFewRequests()])
+
+    class BadPlan:
+        @hookimpl
+        def plan_step(self):
+            return {"rollouts": False}
+
+    with pytest.raises(PluginContractError, match=r"^plan_step: must return None or a StepPlan"):
+        check_algorithm_plugin("grpo", model_dir=model_dir, plugins=[BadPlan()])
+
+
+def test_prefix_requests_and_refills_run_through_the_check(model_dir):
+    from posttrain import GroupSelection, RolloutRequest
+
+    seen = {}
+
+    class PrefixAndRefill:
+        @hookimpl
+        def rollout_requests(self, groups, requests):
+            return [RolloutRequest(n=q.n, prefix=(12, 13)) for q in requests]
+
+        @hookimpl
+        def select_groups(self, groups, target):
+            keep = [g for g in groups if 0 < g.num_correct() < len(g.on_policy)]
+            seen.setdefault("calls", []).append(len(groups))
+            return GroupSelection(keep[:target], more=max(0, target - len(keep)))
+
+        @hookimpl
+        def compute_advantage(self, batch):
+            seen["prefix_tokens"] = int(batch.off_policy_mask.sum())
+            return None
+
+    report = check_algorithm_plugin("grpo", model_dir=model_dir, plugins=[PrefixAndRefill()])
+    assert seen["calls"][:2] == [4, 2 + 2]  # 2 informative of 4, then a refill round with 2 more
+    assert report["rows"] == 3 * 4  # mixed, two_teachers, and the refill's one informative group (all_wrong, mixed)
+    assert seen["prefix_tokens"] > 0
+
+
+class Counter:
+    """A stateful class plugin: counts steps and routes to SFT from the third one on."""
+
+    def __init__(self, config):
+        self.steps = 0
+
+    @hookimpl
+    def on_rollout_end(self):
+        self.steps += 1
+
+    @hookimpl
+    def route_group(self, group):
+        if self.steps > 2 and group.demonstrations:
+            return Route(rl=0.0, sft=1.0, demos=(0,), members=())
+        return None
+
+    def state_dict(self):
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state):
+        self.steps = int(state["steps"])
+
+
+def test_state_round_trip_is_checked(model_dir):
+    check_algorithm_plugin("grpo", model_dir=model_dir, plugins=[Counter])  # restores exactly: passes
+
+    class Amnesiac(Counter):
+        def load_state_dict(self, state):
+            pass
+
+    with pytest.raises(PluginContractError, match=r"^state_dict: the next step differs after state_dict → load_state_dict"):
+        check_algorithm_plugin("grpo", model_dir=model_dir, plugins=[Amnesiac])
+
+    class Unsafe(Counter):
+        def state_dict(self):
+            return {"steps": self.steps, "rng": __import__("random").Random(0)}
+
+    with pytest.raises(PluginContractError, match=r"^state_dict: must hold only tensors"):
+        check_algorithm_plugin("grpo", model_dir=model_dir, plugins=[Unsafe])
+
+
+def test_two_step_run_that_trains_nothing_fails(model_dir, tmp_path):
+    class DropAll:
+        @hookimpl
+        def route_group(self):
+            return Route(drop=True)
+
+    with pytest.raises(PluginContractError, match=r"^build_loss: no step of the 2-step run trained on any loss term"):
+        check_two_step_run("grpo", tmp_path / "run", model_dir=model_dir, plugins=[DropAll()])

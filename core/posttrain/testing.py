@@ -296,6 +296,58 @@ class ContractChecker:
         _require(isinstance(needs, Needs), "requirements", f"must return posttrain.Needs, got {type(needs).__name__}", self.where())
         return needs
 
+    # --- planning a step ---
+
+    @hookimpl(wrapper=True, tryfirst=True)
+    def plan_step(self, step):
+        from .types import StepPlan
+
+        plan = yield from self._call("plan_step", step)
+        w = self.where(step)
+        _require(plan is None or isinstance(plan, StepPlan), "plan_step", f"must return None or a StepPlan, got {plan!r:.200}", w)
+        if plan is not None:
+            _require(plan.prompts is None or (isinstance(plan.prompts, int) and plan.prompts >= 0), "plan_step",
+                     f"StepPlan.prompts must be None or an int >= 0, got {plan.prompts!r}", w)
+        return plan
+
+    @hookimpl(wrapper=True, tryfirst=True)
+    def add_groups(self, step):
+        results = yield from self._call("add_groups", step)
+        for r in results:  # a broadcast hook: one list (or None) per implementation
+            _require(r is None or (isinstance(r, list) and all(isinstance(g, PromptGroup) for g in r)), "add_groups",
+                     f"must return None or a list of PromptGroup, got {r!r:.200}", self.where(step))
+        return results
+
+    @hookimpl(wrapper=True, tryfirst=True)
+    def rollout_requests(self, groups, step):
+        from .types import RolloutRequest
+
+        reqs = yield from self._call("rollout_requests", step)
+        if reqs is None:  # nobody overrides it: the engine's default requests
+            return None
+        w = self.where(step)
+        _require(isinstance(reqs, list) and len(reqs) == len(groups) and all(isinstance(q, RolloutRequest) for q in reqs),
+                 "rollout_requests", f"must return one RolloutRequest per group ({len(groups)}), got {reqs!r:.200}", w)
+        for q in reqs:
+            _require(isinstance(q.n, int) and q.n >= 0 and all(isinstance(t, int) for t in q.prefix), "rollout_requests",
+                     f"n must be an int >= 0 and prefix token ids, got {q!r:.200}", w)
+        return reqs
+
+    @hookimpl(wrapper=True, tryfirst=True)
+    def select_groups(self, groups, step):
+        from .types import GroupSelection
+
+        sel = yield from self._call("select_groups", step)
+        if sel is None:  # nobody overrides it: every group is kept
+            return None
+        w = self.where(step)
+        _require(isinstance(sel, GroupSelection), "select_groups", f"must return a GroupSelection, got {sel!r:.200}", w)
+        ids = {id(g) for g in groups}
+        _require(all(id(g) in ids for g in sel.groups), "select_groups",
+                 "GroupSelection.groups must be groups it was given (the verified ones), not new objects", w)
+        _require(isinstance(sel.more, int) and sel.more >= 0, "select_groups", f"more must be an int >= 0, got {sel.more!r}", w)
+        return sel
+
     # --- per group ---
 
     @hookimpl(wrapper=True, tryfirst=True)
@@ -372,6 +424,18 @@ class ContractChecker:
                      f"must return None or a bool tensor {list(ratio.shape)} [N, L], got "
                      f"{_shape(m)}{f' {m.dtype}' if isinstance(m, torch.Tensor) else ''}", self.where(step))
         return masks
+
+    @hookimpl(wrapper=True, tryfirst=True)
+    def minibatch_statistics(self, step):
+        import math
+
+        results = yield from self._call("minibatch_statistics", step)
+        for r in results:
+            _require(r is None or (isinstance(r, dict) and all(
+                isinstance(v, tuple) and len(v) == 2 and all(math.isfinite(float(x)) for x in v) for v in r.values())),
+                "minibatch_statistics", f"must return None or {{name: (sum, count)}} of finite numbers, got {r!r:.200}",
+                self.where(step))
+        return results
 
     @hookimpl(wrapper=True, tryfirst=True)
     def token_distribution_loss(self, labels, step):
@@ -451,7 +515,7 @@ def check_algorithm_plugin(name: str, *, model_dir: str | Path | None = None, st
     from transformers import AutoModelForCausalLM
 
     from .config import validate_algorithm
-    from .plugins import bind_plugins, make_plugin_manager
+    from .plugins import bind_plugins, make_plugin_manager, stateful_plugins
 
     checker = ContractChecker("setup")
     pm = make_plugin_manager(name, plugins=[*plugins, checker])  # ``plugins``: extra in-process ones; the checker last
@@ -469,6 +533,7 @@ def check_algorithm_plugin(name: str, *, model_dir: str | Path | None = None, st
     _require(not problems, "algorithm_config", f"its defaults do not validate as a config section: {problems}")
     bind_plugins(pm, config)
     needs = hook.requirements(config=config)
+    hook.on_train_start(config={"algorithm": dataclasses.asdict(config)}, run_dir=tempfile.gettempdir())
 
     with tempfile.TemporaryDirectory() as tmp:
         path = model_dir or make_tiny_model(Path(tmp) / "model")
@@ -506,28 +571,105 @@ def check_algorithm_plugin(name: str, *, model_dir: str | Path | None = None, st
                 loss, parts, _ = _loss(hook, config, step, needs, model, reference, batch, [torch.arange(len(batch))], checker)
                 entry.update(loss=loss, terms=parts)
             cases[f"{case}{suffix}"] = entry
+    hook.on_step_end(step=step + 1, metrics={"loss/total": whole.get("loss", 0.0)})
+    if stateful_plugins(pm):
+        checker.case = "state_dict round trip"
+        _check_state_round_trip(name, plugins, pm, config, needs, model, reference, step + 1, checker)
+    hook.on_train_end(run_dir=tempfile.gettempdir())
     return {**whole, "needs": needs, "cases": cases}
 
 
+def _check_state_round_trip(name, plugins, pm, config, needs, model, reference, step, checker):
+    """A plugin restored from its ``state_dict`` (through a weights-only checkpoint load) takes
+    the same next step as the instance that wrote it."""
+    import io
+
+    from .plugins import bind_plugins, load_plugin_state, make_plugin_manager, plugin_state
+
+    buf = io.BytesIO()
+    torch.save(plugin_state(pm), buf)
+    buf.seek(0)
+    try:
+        state = torch.load(buf, weights_only=True)
+    except Exception as e:
+        raise PluginContractError(f"state_dict: must hold only tensors, numbers, strings, bools, None and lists / "
+                                  f"tuples / dicts of those (checkpoints load with weights_only=True): {e}") from e
+    restored = make_plugin_manager(name, plugins=[*plugins, ContractChecker("restored from state_dict")])
+    bind_plugins(restored, config)
+    load_plugin_state(restored, state)
+    results = []
+    for p in (pm, restored):
+        batch, kinds = _routed_batch(p.hook, config, needs, list(tiny_groups().values()), step, reference)
+        loss = None if batch is None else _loss(p.hook, config, step, needs, model, reference, batch,
+                                                [torch.arange(len(batch))], checker)[0]
+        results.append((kinds, loss))
+    _require(results[0] == results[1], "state_dict",
+             f"the next step differs after state_dict → load_state_dict: {results[0]} vs {results[1]}", checker.where())
+
+
+def _tiny_make_group(example: Example, source: str = "buffer") -> PromptGroup:
+    """``make_group`` for ``add_groups`` in the conformance check: the tiny tokenizer, no template."""
+    tok = tiny_tokenizer()
+    demos = [Trajectory(response_ids=tok(d, add_special_tokens=False).input_ids + [tok.eos_token_id], text=d,
+                        off_policy=True, teacher=i) for i, d in enumerate(example.demonstrations)]
+    return PromptGroup(example=example, prompt_ids=tok(example.prompt, add_special_tokens=False).input_ids,
+                       demonstrations=demos, source=source)
+
+
+def _as_requested(group: PromptGroup, request: Any) -> None:
+    """What a rollout engine would return for ``request``, made from the group's tiny rollouts."""
+    import copy
+
+    pool = group.members or []
+    members = [copy.deepcopy(pool[i % len(pool)]) for i in range(request.n)] if pool else []
+    for m in members:
+        if request.prefix:
+            m.response_ids = list(request.prefix) + m.response_ids
+            m.sampling_logprobs = [0.0] * len(request.prefix) + list(m.sampling_logprobs or [])
+            m.prefix_len = len(request.prefix)
+        m.tag = request.tag
+    group.members = members
+
+
 def _routed_batch(hook, config, needs, groups, step, reference):
-    from .batching import build_train_batch
+    """A step's hooks on tiny groups, as the engine calls them: plan, add, request, compose,
+    'verify', select (one refill round), route, batch, advantage."""
+    from .batching import build_train_batch, totals_of
     from .metrics import Metrics
     from .train.forward import policy_outputs
+    from .types import GroupSelection, RolloutRequest, StepPlan
 
     metrics = Metrics()
-    if not needs.rollouts:  # offline algorithms: the engine never samples
-        for g in groups:
-            g.members = []
-    groups = [hook.compose_group(group=g, config=config, step=step, metrics=metrics) for g in groups]
-    for g in groups:  # what the verifier does for members the plugin added
-        for m in g.members:
-            if m.reward is None:
-                m.reward = 1.0
+    plan = hook.plan_step(config=config, step=step, metrics=metrics) or StepPlan()
+    sampling = needs.rollouts and plan.rollouts
+    for extra in hook.add_groups(config=config, step=step, metrics=metrics, make_group=_tiny_make_group):
+        groups = groups + list(extra or [])
+
+    def sample(gs):
+        defaults = [RolloutRequest(n=len(g.members) if sampling and g.source == "train" else 0) for g in gs]
+        for g, q in zip(gs, hook.rollout_requests(groups=gs, requests=defaults, config=config, step=step, metrics=metrics) or defaults):
+            _as_requested(g, q)
+        gs = [hook.compose_group(group=g, config=config, step=step, metrics=metrics) for g in gs]
+        for g in gs:  # what the verifier does for members the plugin added
+            for m in g.members:
+                if m.reward is None:
+                    m.reward = 1.0
+        return gs
+
+    groups = sample(groups)
+    target = len(groups)
+    sel = hook.select_groups(groups=groups, target=target, config=config, step=step, metrics=metrics) or GroupSelection(groups)
+    if sel.more > 0:  # one refill round, with fresh copies of the tiny groups standing in for new prompts
+        fresh = sample(list(tiny_groups(any(g.demonstrations for g in groups)).values())[:sel.more])
+        sel = hook.select_groups(groups=list(sel.groups) + fresh, target=target, config=config, step=step,
+                                 metrics=metrics) or GroupSelection(list(sel.groups) + fresh)
+    groups = list(sel.groups)
     hook.on_rollout_end(groups=groups, step=step, metrics=metrics)
     routes = [hook.route_group(group=g, config=config, step=step, metrics=metrics) for g in groups]
-    batch = build_train_batch(groups, routes, tiny_tokenizer().pad_token_id)
+    batch = build_train_batch(groups, routes, tiny_tokenizer().pad_token_id) if groups else None
     if batch is None:
         return None, [r.kind for r in routes]
+    batch = batch.with_(totals=totals_of(batch, max_len=16))
     batch.advantages = hook.compute_advantage(batch=batch, config=config, step=step, metrics=metrics)
     if needs.reference:
         with torch.no_grad():
@@ -617,6 +759,9 @@ def check_two_step_run(name: str, run_dir: str | Path, *, model_dir: str | Path 
         for k, v in r.items():
             if k.startswith("loss/") or k == "train/grad_norm":
                 _require(v is not None and math.isfinite(v), "build_loss", f"{k} is {v} at step {r['step']}", where)
+    trained = [r["step"] for r in rows if any(k.startswith("loss/") and k != "loss/total" for k in r)]
+    _require(bool(trained), "build_loss", f"no step of the {steps}-step run trained on any loss term (every step's "
+             "batch was empty or build_loss returned no terms): the run changed nothing", where)
     base = Path(model_dir) if model_dir else run_dir / "base-model"
     before = AutoModelForCausalLM.from_pretrained(base).state_dict()
     after = AutoModelForCausalLM.from_pretrained(final).state_dict()
