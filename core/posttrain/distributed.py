@@ -17,7 +17,6 @@ from __future__ import annotations
 import atexit
 import os
 import random
-import sys
 from dataclasses import fields, replace
 from datetime import timedelta
 from typing import Any
@@ -168,6 +167,24 @@ def sum_dict(values: dict[str, list[float]]) -> dict[str, list[float]]:
     return out
 
 
+def check_world(config: Any, world: int) -> None:
+    """Several processes split each step's prompts evenly; only a distributed backend can run them."""
+    if world <= 1:
+        return
+    from .config import ConfigError
+
+    t = config.trainer
+    problems = []
+    if t.backend == "torch":
+        problems.append(f"trainer.backend: torch runs one process, but WORLD_SIZE={world}; use trainer.backend=deepspeed")
+    if t.prompts_per_step % world:
+        problems.append(f"trainer.prompts_per_step ({t.prompts_per_step}) must be a multiple of the {world} processes")
+    if t.prompts_per_minibatch is not None and t.prompts_per_minibatch % world:
+        problems.append(f"trainer.prompts_per_minibatch ({t.prompts_per_minibatch}) must be a multiple of the {world} processes")
+    if problems:
+        raise ConfigError(problems)
+
+
 def shard(items: list, rank: int, world: int) -> list:
     """This rank's share of an evaluation set: ``items[rank::world]``, padded with copies of the
     last item to ``ceil(len / world)``. Every rank then makes the same number of generate calls,
@@ -228,15 +245,3 @@ def _comm_device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def main() -> int:
-    """``python -m posttrain.distributed train cfg.yaml ...``: the ``posttrain`` command line for
-    launchers that append ``--local_rank`` (``deepspeed --module posttrain.distributed ...``)."""
-    from .cli import main as cli_main
-
-    return cli_main(strip_launcher_args(sys.argv[1:]))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

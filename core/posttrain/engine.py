@@ -15,7 +15,6 @@ LUFFY.
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -25,15 +24,16 @@ from omegaconf import OmegaConf
 
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
+from . import stage_state
 from .batching import build_train_batch, micro_batch_rows, minibatches, totals_of, trim_padding
 from .config import RunConfig
 from .data import DataError, PromptSampler, load_examples, render_prompt
-from .evaluate import evaluate_accuracy
-from .logging import RunLogger, progress
-from .metrics import Metrics
-from .plugins import build_registry, load_plugin_state, plugin_state
+from .eval.heldout import evaluate_in_training
+from .logging import NullLogger, RunLogger, progress
+from .metrics import Metrics, log_rewards, log_rollouts
+from .plugins import build_registry, pick
 from .loss import add_statistics, finish_statistics, micro_batch_loss
-from .rollout import SamplingParams, generate_requests, hf_engine
+from .rollout import SamplingParams, generate_requests
 from .train import lockstep
 from .train.forward import logprobs_in_micro_batches
 from .types import Example, GroupSelection, PromptGroup, RolloutRequest, StepPlan, Totals, Trajectory, TrainBatch
@@ -50,7 +50,7 @@ class Engine:
         # One process per GPU under torchrun / the deepspeed launcher: this rank's device and seed.
         self.device = dist_utils.device_for_rank(config.trainer.device)
         self.world = dist_utils.world_size()
-        _check_world(config, self.world)
+        dist_utils.check_world(config, self.world)
         dist_utils.init(self.device)
         dist_utils.seed_everything(config.trainer.seed)
 
@@ -73,16 +73,16 @@ class Engine:
 
         self.updates_per_step = self._updates_per_rollout_step()
         backends = build_registry(pm, "register_trainer_backends")
-        self.backend = _pick(backends, config.trainer.backend, "trainer.backend")(self.model, config.trainer, config.trainer.steps)
+        self.backend = pick(backends, config.trainer.backend, "trainer.backend")(self.model, config.trainer, config.trainer.steps)
         if self.reference is not None and hasattr(self.backend, "prepare_reference"):
             # ZeRO-3: partitioned too (its head whole when a full-vocabulary loss reads it per chunk)
             self.reference = self.backend.prepare_reference(self.reference, full_head=self.needs.reference_vocab)
         self.rollout = None
         if self.needs.rollouts:
             engines = build_registry(pm, "register_rollout_engines")
-            self.rollout = _pick(engines, config.rollout.engine, "rollout.engine")(self.model, self.tokenizer, config.rollout)
+            self.rollout = pick(engines, config.rollout.engine, "rollout.engine")(self.model, self.tokenizer, config.rollout)
         verifiers = build_registry(pm, "register_verifiers")
-        self.verifier_factory = _pick(verifiers, config.verifier.name, "verifier.name")
+        self.verifier_factory = pick(verifiers, config.verifier.name, "verifier.name")
         self._verifier_obj = None  # worker processes start on first use
 
         d = config.data
@@ -100,23 +100,9 @@ class Engine:
         self.max_len = float(algo.loss_max_len or config.rollout.max_new_tokens) if hasattr(algo, "loss_max_len") else float(config.rollout.max_new_tokens)
         self._prompt_cache: dict[str, list[int]] = {}
 
-        self.step = 0
-        if resume_from is not None:
-            state, rng = ckpt.load_checkpoint_state(resume_from)
-            self.backend.load_state_dict(state["backend"])
-            shards = self.run_dir / _SHARDS_DIR / resume_from.name
-            if hasattr(self.backend, "load_shards") and shards.is_dir():
-                self.backend.load_shards(shards)  # ZeRO: the optimizer moments each rank holds
-            self.sampler.load_state_dict(state["sampler"])
-            if self.offline_sampler is not None and "offline_sampler" in state:
-                self.offline_sampler.load_state_dict(state["offline_sampler"])
-            self.step = state["step"]
-            own_rng = shards / _rank_rng_file(dist_utils.rank())
-            ckpt.set_rng_state(torch.load(own_rng, weights_only=False) if own_rng.is_file() else rng)
-            own_plugins = shards / _rank_plugin_file(dist_utils.rank())
-            load_plugin_state(pm, torch.load(own_plugins, weights_only=True) if own_plugins.is_file() else state.get("plugins", {}))
+        self.step = stage_state.restore(self, resume_from) if resume_from is not None else 0
         self._saved_step = self.step if resume_from is not None else None
-        self.logger: Any = _NullLogger()
+        self.logger: Any = NullLogger()
         if dist_utils.is_main():  # one writer: rank 0 logs, saves the config, talks to wandb
             self.run_dir.mkdir(parents=True, exist_ok=True)
             OmegaConf.save(OmegaConf.create(resolved), self.run_dir / "config.yaml")
@@ -228,7 +214,7 @@ class Engine:
             fresh = self.draw(self.sampler, more * self.world, "train")
         m.log("plan/rounds", float(rounds))
         m.log("plan/groups", float(len(kept)))
-        _reward_metrics(generated, m)
+        log_rewards(generated, m)
         self.hook.on_rollout_end(groups=kept, step=step, metrics=m)
         return kept
 
@@ -252,7 +238,7 @@ class Engine:
                                         decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True))
                 for i, trajs in zip(todo, out):
                     groups[i].members = trajs
-                _rollout_metrics([groups[i] for i in todo], time.perf_counter() - t_roll, m)
+                log_rollouts([groups[i] for i in todo], time.perf_counter() - t_roll, m)
         groups = [self.hook.compose_group(group=g, config=self.algo, step=step, metrics=m) for g in groups]
         self.verify(groups, m)
         return groups
@@ -377,54 +363,11 @@ class Engine:
         return per * t.ppo_epochs
 
     def evaluate(self) -> dict[str, float]:
-        """Held-out accuracy and ``eval.benchmarks``, with its own RNG so evaluating never changes training."""
-        e = self.cfg.eval
-        max_new = e.max_new_tokens or self.cfg.rollout.max_new_tokens
-        params = SamplingParams(n=e.n, temperature=e.temperature, top_p=e.top_p, max_new_tokens=max_new)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.cfg.trainer.seed + 1_000_003)
-            generator = self.rollout or hf_engine(self.backend.model, self.tokenizer, self.cfg.rollout)
-            out: dict[str, float] = {}
-            if self.eval_examples:  # data.eval: held-out accuracy (eval/accuracy)
-                examples = self.eval_examples[: e.max_prompts] if e.max_prompts else self.eval_examples
-                out = evaluate_accuracy(generator, examples, self._verifier, params,
-                                        prompt_fn=lambda ex: self.make_group(ex).prompt_ids, progress=self._bars)
-            if e.benchmarks:
-                from .eval import Prompting, evaluate_benchmarks_in_training, load_benchmarks
-
-                if getattr(self, "_benchmarks", None) is None:  # loaded once, at the first evaluation
-                    self._benchmarks = load_benchmarks(list(e.benchmarks), {"max_new_tokens": max_new, "max_problems": e.max_prompts})
-                prompting = Prompting(self.tokenizer, self.cfg.data.template, self.cfg.data.system_prompt)
-                out.update(evaluate_benchmarks_in_training(
-                    generator, prompting, self._benchmarks, build_registry(self.pm, "register_verifiers"), self.cfg.verifier,
-                    seed=self.cfg.trainer.seed, progress=self._bars))
-            return out
+        return evaluate_in_training(self)
 
     def save(self) -> Path:
-        """Rank 0 writes the checkpoint; under ZeRO-3 every rank first helps gather the weights."""
-        consolidated = getattr(self.backend, "consolidated_model", None)
-        model = consolidated() if consolidated is not None else self.backend.model  # collective under ZeRO-3
-        path = self._checkpoint_path(self.step)
-        if hasattr(self.backend, "save_shards"):  # before COMPLETE is written: a complete step has its shards
-            shards = self.run_dir / _SHARDS_DIR / path.name
-            self.backend.save_shards(shards)
-            # Each rank samples with its own stream and its plugins saw its own share; the
-            # checkpoint's rng.pt and trainer state hold rank 0's only.
-            torch.save(ckpt.rng_state(), shards / _rank_rng_file(dist_utils.rank()))
-            torch.save(plugin_state(self.pm), shards / _rank_plugin_file(dist_utils.rank()))
-            dist_utils.barrier()
-        if dist_utils.is_main():
-            state = {"step": self.step, "backend": self.backend.state_dict(), "sampler": self.sampler.state_dict(),
-                     "plugins": plugin_state(self.pm)}
-            if self.offline_sampler is not None:
-                state["offline_sampler"] = self.offline_sampler.state_dict()
-            path = ckpt.save_checkpoint(self.run_dir, self.step, model=model, tokenizer=self.tokenizer,
-                                        trainer_state=state, keep_last=self.cfg.keep_checkpoints)
-            for d in (self.run_dir / _SHARDS_DIR).glob("step-*"):  # shards of pruned checkpoints go too
-                if not (path.parent / d.name).exists():
-                    shutil.rmtree(d, ignore_errors=True)
+        path = stage_state.save(self)
         self._saved_step = self.step
-        dist_utils.barrier()  # nobody reads the checkpoint before it is complete
         return path
 
     def _checkpoint_path(self, step: int) -> Path:
@@ -435,73 +378,5 @@ class Engine:
         return self.cfg.logging.progress and dist_utils.is_main()
 
 
-def _reward_metrics(groups: list[PromptGroup], m: Metrics) -> None:
-    """Rewards of everything sampled this step (also groups that select_groups dropped)."""
-    on = [mem.reward for g in groups for mem in g.members if not mem.off_policy and mem.reward is not None]
-    if on:
-        m.log("reward/mean", sum(on) / len(on))
-        m.log("reward/accuracy", sum(r > 0.5 for r in on) / len(on))
-        with_rollouts = [g for g in groups if g.on_policy]
-        m.log("reward/solved_prompts", sum(g.num_correct() > 0 for g in with_rollouts) / len(with_rollouts))
-    off = [mem.reward for g in groups for mem in g.members if mem.off_policy and mem.reward is not None]
-    if off:
-        m.log("reward/off_policy_mean", sum(off) / len(off))
-
-
-def _rollout_metrics(groups: list[PromptGroup], seconds: float, m: Metrics) -> None:
-    trajs = [t for g in groups for t in g.members]
-    tokens = sum(len(t.response_ids) for t in trajs)
-    m.log("rollout/response_length", tokens / max(1, len(trajs)))
-    m.log("rollout/truncated", sum(not t.finished for t in trajs) / max(1, len(trajs)))
-    m.log("time/rollout_s", seconds)
-    m.log("perf/rollout_tokens_per_s", tokens / max(1e-9, seconds))
-
-
-_SHARDS_DIR = "zero_shards"  # run_dir/zero_shards/step-NNNNNN: per-rank optimizer and RNG state (deepspeed backend)
-
-
-def _rank_rng_file(rank: int) -> str:
-    return f"rng-rank{rank}.pt"
-
-
-def _rank_plugin_file(rank: int) -> str:
-    return f"plugins-rank{rank}.pt"
-
-
-class _NullLogger:
-    """What ranks other than 0 log to."""
-
-    def log(self, step: int, metrics: dict) -> None:
-        pass
-
-    def close(self, exit_code: int | None = None) -> None:
-        pass
-
-
-def _check_world(config: RunConfig, world: int) -> None:
-    """Several processes split each step's prompts evenly; only a distributed backend can run them."""
-    if world <= 1:
-        return
-    from .config import ConfigError
-
-    t = config.trainer
-    problems = []
-    if t.backend == "torch":
-        problems.append(f"trainer.backend: torch runs one process, but WORLD_SIZE={world}; use trainer.backend=deepspeed")
-    if t.prompts_per_step % world:
-        problems.append(f"trainer.prompts_per_step ({t.prompts_per_step}) must be a multiple of the {world} processes")
-    if t.prompts_per_minibatch is not None and t.prompts_per_minibatch % world:
-        problems.append(f"trainer.prompts_per_minibatch ({t.prompts_per_minibatch}) must be a multiple of the {world} processes")
-    if problems:
-        raise ConfigError(problems)
-
-
 def _crossed(before: int, after: int, every: int) -> bool:
     return after // every > before // every
-
-
-def _pick(registry: dict, name: str, key: str):
-    if name not in registry:
-        raise KeyError(f"{key}: '{name}' is not registered. Available: {', '.join(sorted(registry))}")
-    return registry[name]
-

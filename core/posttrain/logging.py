@@ -195,3 +195,13 @@ def progress(iterable: Iterable | None = None, *, total: int | None = None, desc
 
     return tqdm(iterable, total=total, desc=desc, leave=leave, file=sys.stderr, dynamic_ncols=True,
                 disable=not enabled)
+
+
+class NullLogger:
+    """What ranks other than 0 log to."""
+
+    def log(self, step: int, metrics: dict) -> None:
+        pass
+
+    def close(self, exit_code: int | None = None) -> None:
+        pass

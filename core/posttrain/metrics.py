@@ -57,3 +57,29 @@ class Metrics:
             else:
                 out[name] = vals[-1]
         return out
+
+
+# --- the step's standard metrics -------------------------------------------------------------------
+
+
+def log_rewards(groups: list, m: Metrics) -> None:
+    """Rewards of everything sampled this step (also groups that select_groups dropped)."""
+    on = [mem.reward for g in groups for mem in g.members if not mem.off_policy and mem.reward is not None]
+    if on:
+        m.log("reward/mean", sum(on) / len(on))
+        m.log("reward/accuracy", sum(r > 0.5 for r in on) / len(on))
+        with_rollouts = [g for g in groups if g.on_policy]
+        m.log("reward/solved_prompts", sum(g.num_correct() > 0 for g in with_rollouts) / len(with_rollouts))
+    off = [mem.reward for g in groups for mem in g.members if mem.off_policy and mem.reward is not None]
+    if off:
+        m.log("reward/off_policy_mean", sum(off) / len(off))
+
+
+def log_rollouts(groups: list, seconds: float, m: Metrics) -> None:
+    """Response length, truncation rate and throughput of freshly sampled groups."""
+    trajs = [t for g in groups for t in g.members]
+    tokens = sum(len(t.response_ids) for t in trajs)
+    m.log("rollout/response_length", tokens / max(1, len(trajs)))
+    m.log("rollout/truncated", sum(not t.finished for t in trajs) / max(1, len(trajs)))
+    m.log("time/rollout_s", seconds)
+    m.log("perf/rollout_tokens_per_s", tokens / max(1e-9, seconds))

@@ -174,5 +174,12 @@ def build_registry(pm: pluggy.PluginManager, hook_name: str) -> dict[str, Any]:
     return found
 
 
+def pick(registry: dict[str, Any], name: str, key: str) -> Any:
+    """The factory registered as ``name``, or an error naming the config key and what is registered."""
+    if name not in registry:
+        raise KeyError(f"{key}: '{name}' is not registered. Available: {', '.join(sorted(registry))}")
+    return registry[name]
+
+
 def import_module(name: str) -> Any:
     return importlib.import_module(name)

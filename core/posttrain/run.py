@@ -76,7 +76,7 @@ def materialize_model(path: str, run_dir: str | Path) -> str:
     in ``run_dir/base-model`` once, so demos and smoke runs need no checkpoint on disk."""
     if not path.startswith("tiny:"):
         return path
-    from .testing import make_tiny_model
+    from .tiny import make_tiny_model
 
     params = dict(kv.split("=", 1) for kv in path[len("tiny:"):].split(",") if kv)
     allowed = {"hidden", "layers", "heads", "seed"}

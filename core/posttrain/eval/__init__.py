@@ -1,8 +1,8 @@
 """Evaluation: pass@k (unbiased) / avg@k / maj@k on benchmark files, reports and plots.
 
 ``posttrain eval --model DIR --benchmarks NAME ...`` runs ``run_eval``; the engine's periodic
-evaluation uses ``evaluate_benchmarks_in_training``. ``posttrain.evaluate.evaluate_accuracy``
-(held-out accuracy on ``data.eval``) stays where it was.
+evaluation uses ``evaluate_benchmarks_in_training``. ``heldout.evaluate_accuracy`` is the
+held-out accuracy on ``data.eval`` that training reports as ``eval/accuracy``.
 """
 
 from .answers import AnswerExtractor, math_answer_key

@@ -139,7 +139,7 @@ def test_dynamic_sampling_refills_the_batch(tmp_path):
     from posttrain.testing import check_two_step_run
 
     rec = Recorder()
-    out = check_two_step_run("dapo", tmp_path, plugins=[rec], steps=3,
+    check_two_step_run("dapo", tmp_path, plugins=[rec], steps=3,
                              overrides={"verifier.name": "half-hard", "trainer.prompts_per_step": 4,
                                         "algorithm.overlong_buffer": 4})
     assert len(rec.steps) == 3
