@@ -339,3 +339,48 @@ def test_the_plugin_guides_worked_example_runs(model_dir, tmp_path):
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [r.get("route/sft", 0.0) for r in rows] == [0.0, 0.0, 1.0]  # the third step fine-tunes on the buffer
     assert "rollout/response_length" not in rows[2] and rows[1]["relift/buffer"] >= 4
+
+
+def test_chord_fits_as_a_build_loss_wrapper():
+    """CHORD (μ-weighted GRPO + φ(p) = p(1−p)-weighted SFT on expert data) needs only a wrapper
+    around the default loss, reading the stable term names ``pg`` and ``sft``."""
+    import math
+
+    from posttrain import LossTerm
+    from posttrain.config import GRPOConfig
+    from posttrain.testing import fill_tokens, split_loss
+
+    class CHORD:
+        def __init__(self, config):
+            self.mu = 0.3  # μ(step): constant here; the paper decays it
+
+        @hookimpl(wrapper=True)
+        def build_loss(self, batch, outputs):
+            terms = yield
+            out = []
+            for t in terms:
+                if t.name == "pg":
+                    out.append(LossTerm("pg", (1 - self.mu) * t.value))
+                elif t.name == "sft":
+                    p = outputs.logprobs.detach().exp()
+                    tokens = batch.response_mask & (batch.sft_weight > 0)[:, None]
+                    phi_nll = -(p * (1 - p) * outputs.logprobs * tokens).sum() / batch.totals.sft_tokens
+                    out.append(LossTerm("sft", self.mu * phi_nll))
+                else:
+                    out.append(t)
+            return out
+
+    pm = make_plugin_manager("grpo", plugins=[CHORD])
+    from posttrain.plugins import bind_plugins
+
+    cfg = GRPOConfig()
+    bind_plugins(pm, cfg)
+    g = sized_group([1.0, 0.0], [2, 3], demo_lens=(4,))
+    batch = build_train_batch([g], [Route(rl=1.0, sft=1.0, demos=(0,))], PAD)
+    batch.advantages = pm.hook.compute_advantage(batch=batch, config=cfg, step=0, metrics=Metrics())
+    lp = fill_tokens(batch, [-1.0, -1.0, math.log(0.5)])
+    got = split_loss(pm.hook, cfg, batch, [[0, 1, 2]], lp)
+    a = 0.5 / (2 ** -0.5 + 1e-6)
+    assert got.parts["pg"] == pytest.approx(0.7 * a / 5, rel=1e-5)  # (1 − μ)·token-mean(−Â·ρ)
+    assert got.parts["sft"] == pytest.approx(0.3 * 0.25 * math.log(2), rel=1e-5)  # μ·φ(½)·(−log ½)
+    assert got.logprob_grad[2, :4].tolist() == pytest.approx([-0.3 * 0.25 / 4] * 4, rel=1e-5)  # φ is a weight, not differentiated
