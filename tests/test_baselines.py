@@ -167,8 +167,8 @@ def test_cispo_clips_the_detached_weight_and_keeps_every_token():
 
 
 @pytest.mark.parametrize("name, section, message", [
-    ("grpo", {"kl_reward_estimator": "k4"}, "kl_reward_estimator: 'k4' is not one of k1 | k2 | k3"),
-    ("grpo", {"kl_reward_coef": -0.1}, "kl_reward_coef must be >= 0"),
+    ("grpo", {"kl_reward_estimator": "k4"}, "algorithm.kl_reward_estimator: 'k4' is not k1 | k2 | k3."),
+    ("grpo", {"kl_reward_coef": -0.1}, "algorithm.kl_reward_coef: must be >= 0 (0 disables), got -0.1."),
     ("reinforce_pp", {"gamma": 0.0}, "gamma must be in (0, 1]"),
     ("cispo", {"weight_clip_low": 1.5}, "weight_clip_low must be in [0, 1]"),
 ])

@@ -19,19 +19,17 @@ import torch
 
 from posttrain import defaults, hookimpl
 from posttrain import functional as F
-from posttrain.algorithms.kl_reward import KLRewardConfig
-from posttrain.config import help_field
+from posttrain.config import GRPOConfig, help_field
 
 
 @dataclass
-class CISPOConfig(KLRewardConfig):
+class CISPOConfig(GRPOConfig):
     name: str = help_field("cispo", "Algorithm entry-point name.")
     clip_low: Optional[float] = help_field(None, "PPO's token mask; CISPO keeps every token (null). A value adds PPO's mask on top (the paper's Eq. 6).")
     weight_clip_low: float = help_field(1.0, "ε_low^IS: the IS weight is clipped below at 1 − ε_low^IS (1.0: no lower bound, as the paper).")
     weight_clip_high: float = help_field(0.28, "ε_high^IS: the IS weight is clipped above at 1 + ε_high^IS, then detached.")
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         if not 0.0 <= self.weight_clip_low <= 1.0:
             raise ValueError(f"weight_clip_low must be in [0, 1] (the lower bound 1 − ε is ≥ 0), got {self.weight_clip_low}")
         if self.weight_clip_high < 0:

@@ -17,18 +17,16 @@ import torch
 
 from posttrain import defaults, hookimpl
 from posttrain import functional as F
-from posttrain.algorithms.kl_reward import KLRewardConfig
-from posttrain.config import help_field
+from posttrain.config import GRPOConfig, help_field
 
 
 @dataclass
-class ReinforcePPConfig(KLRewardConfig):
+class ReinforcePPConfig(GRPOConfig):
     name: str = help_field("reinforce_pp", "Algorithm entry-point name.")
     kl_reward_coef: float = help_field(0.01, "β of the token-level KL penalty in the reward, −β·KL(π_old‖π_ref)_t on every sampled token (REINFORCE++; OpenRLHF's init_kl_coef 0.01). > 0 loads a frozen reference model; 0 is REINFORCE with a batch-normalised return.")
     gamma: float = help_field(1.0, "Discount γ of the return G_t = Σ_{s≥t} γ^{s−t} r_s (1.0 in the paper and verl).")
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         if not 0.0 < self.gamma <= 1.0:
             raise ValueError(f"gamma must be in (0, 1], got {self.gamma}")
 

@@ -16,12 +16,11 @@ from dataclasses import dataclass
 
 from posttrain import defaults, hookimpl
 from posttrain import functional as F
-from posttrain.algorithms.kl_reward import KLRewardConfig
-from posttrain.config import help_field
+from posttrain.config import GRPOConfig, help_field
 
 
 @dataclass
-class RLOOConfig(KLRewardConfig):
+class RLOOConfig(GRPOConfig):
     name: str = help_field("rloo", "Algorithm entry-point name.")
 
 
