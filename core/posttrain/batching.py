@@ -79,6 +79,7 @@ def build_train_batch(groups: list[PromptGroup], routes: list[Route], pad_id: in
         sft_weight=torch.tensor([r.sft for r in rows]),
         teacher=torch.tensor([-1 if r.traj.teacher is None else r.traj.teacher for r in rows]),
         sampling_logprobs=sampling,
+        prompt_weight=len(groups) / len({r.prompt for r in rows}),
     )
 
 
@@ -113,6 +114,9 @@ def totals_of(batch: TrainBatch, max_len: float, micro_batches: int = 1) -> Tota
         rl_seqs=float(rl.sum()), rl_tokens=float(m[rl].sum()),
         sft_seqs=float(sft.sum()), sft_tokens=float(m[sft].sum()),
         max_len=float(max_len), micro_batches=micro_batches,
+        prompts=float(batch.prompt_index.unique().numel()) * batch.prompt_weight,
+        rl_prompts=float(batch.prompt_index[rl].unique().numel()),
+        sft_prompts=float(batch.prompt_index[sft].unique().numel()),
     )
 
 
