@@ -529,3 +529,15 @@ def test_eq4_prompt_fraction_weighting_on_easy_hard_and_mid_prompts(pm, weightin
 def test_weighting_must_be_known(pm):
     _, problems = validate_algorithm({"name": "dypo", "weighting": "paper"}, DYPOConfig)
     assert problems == ["algorithm: weighting 'paper' is not one of per_term | prompt_fraction"]
+
+
+def test_logged_grpo_part_is_ppos_clipped_value(pm):
+    """loss/pg is max(−Âρ, −Â·clip(ρ)) (what verl/TRL log), not −Âρ·1_kept: the clipped mid0 and mid1
+    contribute −Â·1.2 and −Â·0.8 per token instead of 0."""
+    cfg = DYPOConfig(alpha=1.0, sft_coef=0.5)
+    _, batch, lp = three_grade_batch(pm, cfg)
+    batch.old_logprobs = lp - fill(batch, [0.0, 0.3, -0.3, 0.1])  # ρ = 1.35, 0.74, 1.105 on mid rows
+    _, parts, _ = run_split(pm, cfg, batch, [[0, 1, 2, 3]], lp)
+    expected = -(A_MID[0] * 1.2 * 2 + A_MID[1] * 0.8 * 1 + A_MID[2] * math.exp(0.1) * 2) / 5
+    assert parts["pg"] == pytest.approx(expected, rel=1e-6)
+    assert expected == pytest.approx(-0.2066516, abs=1e-6)  # −Âρ·1_kept alone: 0.2552278
