@@ -187,3 +187,11 @@ def test_conformance(name, tiny_model_dir):
     report = check_algorithm_plugin(name, model_dir=tiny_model_dir)
     assert set(report["terms"]) >= {"pg"} and math.isfinite(report["loss"])
     assert report["needs"].reference is (name == "reinforce_pp")
+
+
+def test_reinforce_pp_trains_two_steps_with_the_reference_read_before_the_advantage(tiny_model_dir, tmp_path):
+    """The engine fills π_ref before compute_advantage: REINFORCE++'s token KL reward needs it."""
+    from posttrain.testing import check_two_step_run
+
+    out = check_two_step_run("reinforce_pp", tmp_path / "run", model_dir=tiny_model_dir)
+    assert out["changed"] and all(math.isfinite(r["loss/pg"]) for r in out["metrics"])
