@@ -195,3 +195,15 @@ def test_reinforce_pp_trains_two_steps_with_the_reference_read_before_the_advant
 
     out = check_two_step_run("reinforce_pp", tmp_path / "run", model_dir=tiny_model_dir)
     assert out["changed"] and all(math.isfinite(r["loss/pg"]) for r in out["metrics"])
+
+
+def test_readme_algorithm_table_lists_every_registered_algorithm_with_its_paper():
+    from posttrain.registry import load_registry, repo_root
+
+    text = (repo_root() / "README.md").read_text()
+    table = text[text.index("## Algorithms"):text.index("## Config reference")]
+    rows = {line.split("|")[1].strip().strip("`"): line for line in table.splitlines() if line.startswith("| `")}
+    algos = load_registry()["algorithms"]
+    assert sorted(rows) == sorted(algos)
+    for name, entry in algos.items():
+        assert (entry["paper"] or "—") in rows[name], f"README row of {name} lacks its paper {entry['paper']}"
