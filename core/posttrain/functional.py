@@ -553,7 +553,7 @@ def reinforce_pp_advantages(token_rewards: Tensor, mask: Tensor, *, gamma: float
 
 
 def cispo_token_loss(logprobs: Tensor, ratio: Tensor, advantages: Tensor, eps_low: float, eps_high: float) -> Tensor:
-    """CISPO's token loss (MiniMax-M1, Eq. 4): −sg(clip(ρ, 1−ε_low, 1+ε_high))·A·log π_θ, [N, L].
+    """CISPO's token loss (MiniMax-M1, arXiv 2506.13585): −sg(clip(ρ, 1−ε_low, 1+ε_high))·A·log π_θ, [N, L].
 
     Every token keeps a gradient, sg(r̂)·A·∇log π_θ: the IS weight is clipped (and detached)
     instead of the token being dropped as PPO does. The value is verl's and TRL's ``cispo``.

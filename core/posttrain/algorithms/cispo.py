@@ -1,4 +1,4 @@
-"""CISPO (MiniMax-M1, arXiv 2506.13585, Eq. 4): clip the importance-sampling weight, not the token.
+"""CISPO (MiniMax-M1, arXiv 2506.13585, §3): clip the importance-sampling weight, not the token.
 
     J(θ) = E[ 1/Σ_i|o_i| · Σ_i Σ_t sg(r̂_{i,t}) · Â_i · log π_θ(o_{i,t}) ],
     r̂_{i,t} = clip(ρ_{i,t}, 1 − ε_low^IS, 1 + ε_high^IS)
@@ -7,7 +7,7 @@ Every token keeps a gradient sg(r̂)·Â·∇log π_θ (PPO drops the tokens who
 region, which are often the rare "fork" tokens). The advantage is GRPO's group-normalised
 reward; the aggregation the paper's token mean (``loss_agg: token-mean``). The paper sets no
 lower bound (ε_low^IS large: ``weight_clip_low: 1.0`` gives 0) and tunes ε_high^IS. There is no
-PPO mask (``clip_low: null``); setting ``clip_low`` adds one, the paper's Eq. 6 unified form.
+PPO mask (``clip_low: null``); setting ``clip_low`` adds one (the paper's unified form with a token mask).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from posttrain.config import GRPOConfig, help_field
 @dataclass
 class CISPOConfig(GRPOConfig):
     name: str = help_field("cispo", "Algorithm entry-point name.")
-    clip_low: Optional[float] = help_field(None, "PPO's token mask; CISPO keeps every token (null). A value adds PPO's mask on top (the paper's Eq. 6).")
+    clip_low: Optional[float] = help_field(None, "PPO's token mask; CISPO keeps every token (null). A value adds PPO's mask on top (the paper's unified form with a token mask).")
     weight_clip_low: float = help_field(1.0, "ε_low^IS: the IS weight is clipped below at 1 − ε_low^IS (1.0: no lower bound, as the paper).")
     weight_clip_high: float = help_field(0.28, "ε_high^IS: the IS weight is clipped above at 1 + ε_high^IS, then detached.")
 
