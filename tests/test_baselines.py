@@ -52,7 +52,7 @@ def test_logged_pg_is_the_ppo_value_and_the_gradient_is_the_masked_forms(clip_du
     assert batch.advantages.tolist() == [0.5, -0.5, -0.5, 0.5]
     out = split_loss(hook, algo, batch, [[0, 1, 2, 3]], logp)
     # TRL/verl: token-mean of max(−Aρ, −A·clip(ρ)) (verl's dual clip): 0.75/8 and 1.25/8, where
-    # the masked form −Aρ·1_kept alone logged 0.05/8 and 0.55/8.
+    # the masked form −Aρ·1_kept alone logged 0.05/8 = 0.00625 and 2.05/8 = 0.25625.
     assert out.parts["pg"] == pytest.approx(sum(map(sum, expected)) / 8, abs=1e-6)
     assert out.parts["pg"] == pytest.approx(0.09375 if clip_dual else 0.15625, abs=1e-6)
     # Same gradient as the masked form (and as PPO's), split or not.
