@@ -56,7 +56,8 @@ def test_map_sharded_in_one_process_is_a_plain_call():
 def _totals_worker(rank: int, world: int, store: str, out: str, max_lens: list) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     mine = Totals(seqs=2.0 + rank, tokens=10.0 * (rank + 1), rl_seqs=1.0, rl_tokens=5.0, sft_seqs=1.0 + rank,
-                  sft_tokens=4.0, max_len=max_lens[rank], micro_batches=1 + rank)
+                  sft_tokens=4.0, max_len=max_lens[rank], micro_batches=1 + rank,
+                  prompts=3.0 + rank, rl_prompts=1.0, sft_prompts=1.0 + rank)
     try:
         got = {"ok": vars(sum_dataclass(mine))}
     except RuntimeError as e:
@@ -73,7 +74,8 @@ def test_totals_are_summed_over_ranks_but_max_len_is_not(tmp_path):
     mp.spawn(_totals_worker, args=(2, str(tmp_path / "s1"), str(tmp_path / "a"), [16.0, 16.0]), nprocs=2)
     r0, r1 = (json.loads((tmp_path / f"a.{r}").read_text())["ok"] for r in (0, 1))
     assert r0 == r1 == {"seqs": 5.0, "tokens": 30.0, "rl_seqs": 2.0, "rl_tokens": 10.0, "sft_seqs": 3.0,
-                        "sft_tokens": 8.0, "max_len": 16.0, "micro_batches": 3}
+                        "sft_tokens": 8.0, "max_len": 16.0, "micro_batches": 3,
+                        "prompts": 7.0, "rl_prompts": 2.0, "sft_prompts": 3.0}
     mp.spawn(_totals_worker, args=(2, str(tmp_path / "s2"), str(tmp_path / "b"), [16.0, 32.0]), nprocs=2)
     err = json.loads((tmp_path / "b.0").read_text())["error"]
     assert err == "Totals.max_len must be the same on every rank, got 16.0 … 32.0"

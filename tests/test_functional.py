@@ -472,3 +472,50 @@ def test_truncated_is_weight_caps_ratio_and_ignores_unsampled_tokens():
     assert float(huge) == pytest.approx(2.0)
     with pytest.raises(ValueError, match="cap must be > 0"):
         F.truncated_is_weight(old, samp, mask, cap=0.0)
+
+
+# --- PPO's logged value, REINFORCE++, CISPO (appended with the baselines) ------------------------
+
+
+@pytest.mark.parametrize("clip_high, clip_dual", [(None, None), (0.28, None), (None, 3.0)])
+def test_ppo_token_loss_value_is_clipped_surrogate_and_gradient_the_masked_form(clip_high, clip_dual):
+    g = torch.Generator().manual_seed(0)
+    logp = (torch.randn(6, 5, generator=g) * 0.5).requires_grad_(True)
+    old = torch.randn(6, 5, generator=g) * 0.5
+    adv = torch.randn(6, 1, generator=g).expand(6, 5)
+    ratio = F.importance_ratio(logp, old)
+    ref, kept = F.clipped_surrogate(ratio, adv, 0.2, clip_high, clip_dual)
+    assert 0 < int(kept.sum()) < kept.numel()  # some tokens clipped, some kept
+    value = F.ppo_token_loss(ratio, adv, kept, 0.2, clip_high, clip_dual)
+    torch.testing.assert_close(value, ref)
+    (g1,) = torch.autograd.grad(value.sum(), logp)
+    (g2,) = torch.autograd.grad((-adv * F.importance_ratio(logp, old) * kept).sum(), logp)
+    torch.testing.assert_close(g1, g2)
+
+
+def test_reinforce_pp_advantages_match_verls_loop():
+    # verl compute_reinforce_plus_plus_outcome_advantage: running return reset after each row's end,
+    # then masked_whiten (unbiased variance, + 1e-8).
+    r = torch.tensor([[0.1, -0.2, 1.0, 0.0], [0.0, 0.5, 0.0, 0.0], [-0.1, -0.1, -0.1, 0.7]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]]).bool()
+    gamma = 0.9
+    returns, running = torch.zeros_like(r), torch.zeros(3)
+    for t in reversed(range(4)):
+        running = r[:, t] + gamma * running
+        returns[:, t] = running
+        running = running * mask[:, t]
+    vals = returns[mask]
+    expected = (returns - vals.mean()) * torch.rsqrt(vals.var(unbiased=True) + 1e-8) * mask
+    torch.testing.assert_close(F.reinforce_pp_advantages(r * mask, mask, gamma=gamma), expected)
+    assert float(F.reinforce_pp_advantages(r * mask, mask, gamma=gamma)[mask].sum()) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_cispo_token_loss_value_and_gradient():
+    logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    ratio = torch.tensor([[2.0, 0.5]])
+    adv = torch.tensor([[1.0, -1.0]])
+    loss = F.cispo_token_loss(logp, ratio, adv, eps_low=0.2, eps_high=0.28)
+    # weights clip(2.0) = 1.28, clip(0.5) = 0.8: −1.28·1·(−1) = 1.28, −0.8·(−1)·(−2) = −1.6
+    assert loss[0].tolist() == pytest.approx([1.28, -1.6])
+    loss.sum().backward()
+    assert logp.grad[0].tolist() == pytest.approx([-1.28, 0.8])  # −ŵ·A, both tokens kept

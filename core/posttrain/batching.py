@@ -84,6 +84,7 @@ def build_train_batch(groups: list[PromptGroup], routes: list[Route], pad_id: in
         finished=torch.tensor([bool(r.traj.finished) for r in rows]),
         response_lengths=response_mask.sum(-1),
         sampling_logprobs=sampling,
+        prompt_weight=len(groups) / len({r.prompt for r in rows}),
     )
 
 
@@ -121,6 +122,9 @@ def totals_of(batch: TrainBatch, max_len: float, micro_batches: int = 1) -> Tota
         rl_seqs=float(rl.sum()), rl_tokens=float(m[rl].sum()),
         sft_seqs=float(sft.sum()), sft_tokens=float(m[sft].sum()),
         max_len=float(max_len), micro_batches=micro_batches,
+        prompts=float(batch.prompt_index.unique().numel()) * batch.prompt_weight,
+        rl_prompts=float(batch.prompt_index[rl].unique().numel()),
+        sft_prompts=float(batch.prompt_index[sft].unique().numel()),
     )
 
 

@@ -165,6 +165,8 @@ class GRPOConfig:
     entropy_coef: float = help_field(0.0, "Entropy bonus coefficient (LUFFY/HPT/SRFT code: 0.001).")
     kl_coef: float = help_field(0.0, "KL(π_θ‖π_ref) loss coefficient; > 0 loads a frozen reference model.")
     kl_estimator: str = help_field("k3", "k1 | k2 | k3 (low-variance) KL estimator.")
+    kl_reward_coef: float = help_field(0.0, "β of a KL penalty in the reward (verl's use_kl_in_reward): each sampled token's reward gets −β·KL(π_old‖π_ref)_t, so a sequence's reward is score − β·Σ_t KL_t before the advantage; > 0 loads a frozen reference model. Independent of kl_coef (the KL term in the loss). Read by the core's advantage (grpo, rloo, reinforce_pp, cispo, hpt, gift, dypo), not by luffy/srft.")
+    kl_reward_estimator: str = help_field("k1", "k1 | k2 | k3 estimator of kl_reward_coef (verl's default for the reward: kl = k1).")
 
 
 # --- loading -----------------------------------------------------------------------------------
@@ -300,6 +302,10 @@ def validate_algorithm(section: dict, schema: type, source: str = "config") -> t
             problems.append(f"algorithm.ratio_level: '{obj.ratio_level}' is not token | sequence.")
         if obj.kl_estimator not in ("k1", "k2", "k3"):
             problems.append(f"algorithm.kl_estimator: '{obj.kl_estimator}' is not k1 | k2 | k3.")
+        if obj.kl_reward_estimator not in ("k1", "k2", "k3"):
+            problems.append(f"algorithm.kl_reward_estimator: '{obj.kl_reward_estimator}' is not k1 | k2 | k3.")
+        if obj.kl_reward_coef < 0:
+            problems.append(f"algorithm.kl_reward_coef: must be >= 0 (0 disables), got {obj.kl_reward_coef}.")
     return obj, problems
 
 

@@ -24,7 +24,7 @@ def algorithm_config():
 def requirements(config):
     return Needs(
         rollouts=True,
-        reference=getattr(config, "kl_coef", 0.0) > 0,
+        reference=getattr(config, "kl_coef", 0.0) > 0 or getattr(config, "kl_reward_coef", 0.0) > 0,
         entropy=getattr(config, "entropy_coef", 0.0) > 0,
     )
 
@@ -87,8 +87,31 @@ def route_group(group):
 @hookimpl(trylast=True)
 def compute_advantage(batch, config):
     return F.group_advantages(
-        batch.rewards, batch.group_index, use_std=config.norm_adv_by_std, eps=config.adv_eps, rows=batch.rl_weight > 0
+        rewards_with_kl(batch, config), batch.group_index, use_std=config.norm_adv_by_std, eps=config.adv_eps,
+        rows=batch.rl_weight > 0,
     )
+
+
+def kl_reward(batch, config):
+    """Token rewards −β·KL(π_old‖π_ref)_t [N, L] of a config's ``kl_reward_coef`` (verl's
+    ``use_kl_in_reward``), on the sampled tokens of RL rows; None when the config has none.
+    π_old is the trainer's recomputation when the step made one (several updates per rollout),
+    else the rollout engine's sampling log-probs (the same policy, without a second forward pass)."""
+    coef = getattr(config, "kl_reward_coef", 0.0)
+    if coef <= 0:
+        return None
+    if batch.ref_logprobs is None:
+        raise RuntimeError("kl_reward_coef > 0 but the batch has no ref_logprobs (requirements() must ask for a reference)")
+    old = batch.old_logprobs if batch.old_logprobs is not None else batch.sampling_logprobs
+    sampled = batch.response_mask & (batch.rl_weight > 0)[:, None] & ~batch.off_policy[:, None]
+    return F.kl_reward_penalty(old, batch.ref_logprobs, sampled, coef, config.kl_reward_estimator)
+
+
+def rewards_with_kl(batch, config):
+    """[N] outcome rewards, minus β·Σ_t KL_t under ``kl_reward_coef`` (verl's GRPO/RLOO score
+    with ``use_kl_in_reward``: the token rewards summed over the response)."""
+    penalty = kl_reward(batch, config)
+    return batch.rewards if penalty is None else batch.rewards + penalty.sum(-1)
 
 
 @hookimpl(trylast=True)
@@ -115,12 +138,21 @@ def stabilization_mask(batch, ratio, advantages, config):
 
 @hookimpl(trylast=True)
 def build_loss(batch, outputs, advantages, ratio, mask, config):
+    # Gradient of −A·ρ·mask, value of PPO's clipped objective (what verl and TRL log).
+    pg = F.ppo_token_loss(ratio, advantages, mask, config.clip_low, config.clip_high, config.clip_dual)
+    return loss_terms(batch, outputs, pg, config)
+
+
+def loss_terms(batch, outputs, pg, config) -> list[LossTerm]:
+    """GRPO's terms around a policy-gradient token loss ``pg`` [N, L] (unweighted): ``pg`` weighted
+    by Route.rl and aggregated over RL rows, then SFT, entropy and KL. An algorithm that changes
+    only the policy-gradient term (CISPO) builds its ``pg`` and calls this."""
     t = batch.totals
     tokens = batch.response_mask
     terms = []
     rl_rows = batch.rl_weight > 0
     if t.rl_seqs > 0:
-        pg = -advantages * ratio * mask * batch.rl_weight[:, None]  # [N, L]
+        pg = pg * batch.rl_weight[:, None]  # [N, L]
         terms.append(LossTerm("pg", F.aggregate(pg, tokens & rl_rows[:, None], config.loss_agg,
                                                  num_tokens=t.rl_tokens, num_seqs=t.rl_seqs, max_len=t.max_len)))
     if t.sft_seqs > 0:

@@ -3,7 +3,7 @@
     for each rollout step:
         plan_step → draw prompts (+ data.offline, add_groups) → rollout_requests → rollout
         → compose_group → verify → select_groups (→ more prompts, same step) → on_rollout_end
-        → route_group → build rows → compute_advantage → (π_old, π_ref log-probs when needed)
+        → route_group → build rows → (π_old, π_ref log-probs when needed) → compute_advantage
         → for each epoch, mini-batch: (statistics) → micro-batches → loss hooks → backward
         → optimizer step → log, checkpoint
 
@@ -159,12 +159,12 @@ class Engine:
             m.log("train/empty_batch", 1.0)
             self.step += self.updates_per_step
             return dist_utils.reduce_metrics({**m.summary(), "time/step_s": time.perf_counter() - t0})
+        batch = self._fill_logprobs(batch)  # before advantages: KL in the reward reads π_ref (and π_old)
         if batch is not None:
             batch = batch.with_(totals=step_totals)
             m.log("train/rows", len(batch))
             m.log("train/offline_data_ratio", float(batch.off_policy.float().mean()))
             batch.advantages = self.hook.compute_advantage(batch=batch, config=self.algo, step=step, metrics=m)
-        batch = self._fill_logprobs(batch)
 
         t_train, n_tokens = time.perf_counter(), 0
         per_rank = None if self.cfg.trainer.prompts_per_minibatch is None else self.cfg.trainer.prompts_per_minibatch // self.world

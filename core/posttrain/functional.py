@@ -485,3 +485,81 @@ def truncated_is_weight(old_logprobs: Tensor, sampling_logprobs: Tensor, mask: T
     log_w = torch.clamp(old_logprobs.float() - sampling_logprobs.float(), max=math.log(cap))
     w = torch.exp(log_w)
     return torch.where(mask.bool(), w, torch.ones_like(w))
+
+
+# --- PPO loss value, baselines (RLOO, REINFORCE++, CISPO, KL in the reward) ----------------------
+
+
+def ppo_token_loss(
+    ratio: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_low: float | None,
+    clip_high: float | None = None,
+    clip_dual: float | None = None,
+) -> Tensor:
+    """PPO's token loss [N, L] whose *value* is PPO's and whose *gradient* is the masked form's.
+
+    ``mask`` [N, L] bool is the product of every stabilization mask (PPO's clip among them). The
+    gradient is that of −A·ρ·mask. The value adds, where PPO's clip (``ppo_clip_mask``) dropped a
+    token that ``mask`` dropped too, the constant that token contributes to PPO's objective:
+    −A·clip(ρ, 1−ε_low, 1+ε_high), or −A·c under the dual clip. So on tokens PPO governs the value
+    is max(−A·ρ, −A·clip(ρ)) (min'ed with −A·c for A < 0), the number verl's ``vanilla`` loss and
+    TRL log; tokens that another mask dropped still contribute 0, and tokens ``mask`` keeps although
+    PPO would clip them (demonstrations) contribute −A·ρ. ``clip_low`` None: no clip, −A·ρ·mask.
+    """
+    pg = -advantages * ratio * mask
+    if clip_low is None:
+        return pg
+    clipped, ppo_kept = clipped_surrogate(ratio.detach(), advantages.detach(), clip_low, clip_high, clip_dual)
+    constant = ~ppo_kept & ~mask.bool()  # a clipped token: PPO's objective is constant there
+    return pg + torch.where(constant, clipped, torch.zeros_like(clipped))
+
+
+
+@torch.no_grad()
+def kl_reward_penalty(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, coef: float, kind: str = "k1") -> Tensor:
+    """Token rewards −β·KL_t [N, L] for a KL penalty in the reward, no gradient.
+
+    KL_t = ``kl_estimate(logprobs, ref_logprobs, kind)`` with ``logprobs`` the sampling policy's
+    (π_old) log-probs; 0 outside ``mask``. verl's ``apply_kl_penalty`` (``use_kl_in_reward``,
+    default estimator ``kl`` = k1), OpenRLHF's and REINFORCE++'s token-level KL reward.
+    """
+    kl = kl_estimate(logprobs.float(), ref_logprobs.float(), kind)
+    return torch.where(mask.bool(), -coef * kl, torch.zeros_like(kl))
+
+
+@torch.no_grad()
+def reinforce_pp_advantages(token_rewards: Tensor, mask: Tensor, *, gamma: float = 1.0, eps: float = 1e-8) -> Tensor:
+    """REINFORCE++ (Hu 2025): batch-whitened returns, [N, L] → [N, L], no gradient.
+
+    G_t = Σ_{s ≥ t} γ^{s−t} r_s over the row's tokens (``token_rewards`` [N, L]: the outcome
+    score on the last token plus −β·KL_t on every token), then A_t = (G_t − μ)/√(σ² + eps) with
+    μ, σ² the mean and unbiased variance of G over every ``mask`` token of the batch (not per
+    group: the global normalisation that distinguishes REINFORCE++ from GRPO). 0 outside ``mask``.
+    Equals verl's ``compute_reinforce_plus_plus_outcome_advantage`` (``masked_whiten``).
+    """
+    m = mask.to(token_rewards.dtype)
+    r = token_rewards * m
+    returns = torch.zeros_like(r)
+    running = torch.zeros_like(r[:, 0])
+    for t in reversed(range(r.shape[1])):
+        running = r[:, t] + gamma * running * m[:, t]  # a padded position carries nothing back
+        returns[:, t] = running
+    n = m.sum()
+    mean = (returns * m).sum() / n.clamp(min=1.0)
+    var = ((returns - mean) ** 2 * m).sum() / (n - 1.0).clamp(min=1.0)
+    return (returns - mean) * torch.rsqrt(var + eps) * m
+
+
+def cispo_token_loss(logprobs: Tensor, ratio: Tensor, advantages: Tensor, eps_low: float, eps_high: float) -> Tensor:
+    """CISPO's token loss (MiniMax-M1, arXiv 2506.13585): −sg(clip(ρ, 1−ε_low, 1+ε_high))·A·log π_θ, [N, L].
+
+    Every token keeps a gradient, sg(r̂)·A·∇log π_θ: the IS weight is clipped (and detached)
+    instead of the token being dropped as PPO does. The value is verl's and TRL's ``cispo``.
+    """
+    weight = torch.clamp(ratio.detach(), 1.0 - eps_low, 1.0 + eps_high)
+    return -weight * advantages * logprobs
+
+
+__all__ += ["ppo_token_loss", "kl_reward_penalty", "reinforce_pp_advantages", "cispo_token_loss"]

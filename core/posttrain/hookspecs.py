@@ -232,7 +232,8 @@ def compute_advantage(batch: TrainBatch, config: Any, step: int, metrics: Metric
     """Return advantages, [N] (one per row) or [N, L] (per token), for the whole step batch.
 
     Called once per step after routing. Rows sharing ``batch.group_index`` are one group;
-    ``batch.rewards`` [N], ``batch.off_policy`` [N] and ``batch.rl_weight`` [N] are set.
+    ``batch.rewards`` [N], ``batch.off_policy`` [N] and ``batch.rl_weight`` [N] are set, and
+    ``batch.ref_logprobs`` / ``batch.old_logprobs`` when the step computes them (KL in the reward).
     Rows with ``rl_weight == 0`` (SFT-only demonstrations) are ignored by the default.
 
     Stops at the first non-None result; the default is the group-normalised reward

@@ -619,10 +619,10 @@ def _routed_batch(hook, config, needs, groups, step, reference):
     if batch is None:
         return None, [r.kind for r in routes]
     batch = batch.with_(totals=totals_of(batch, max_len=16))
-    batch.advantages = hook.compute_advantage(batch=batch, config=config, step=step, metrics=metrics)
-    if needs.reference:
+    if needs.reference:  # before advantages, as in the engine (KL in the reward reads it)
         with torch.no_grad():
             batch.ref_logprobs = policy_outputs(reference, batch, temperature=1.0, chunk=4).logprobs
+    batch.advantages = hook.compute_advantage(batch=batch, config=config, step=step, metrics=metrics)
     return batch, [r.kind for r in routes]
 
 

@@ -165,6 +165,13 @@ class Totals:
     sft_tokens: float = 0.0
     max_len: float = field(default=1.0, metadata={"ranks": "same"})  # constant L_max (Dr.GRPO's norm)
     micro_batches: int = 1  # how many micro-batches the mini-batch was split into (all ranks')
+    # Prompts, for losses that are an expectation over prompts (DYPO's Eq. 4 weights its SFT and RL
+    # parts by the fractions of hard and mid prompts). Prompts a route dropped have no rows; each
+    # prompt with rows stands for TrainBatch.prompt_weight drawn prompts, so ``prompts`` counts
+    # the mini-batch's share of the dropped ones too.
+    prompts: float = 0.0  # prompts drawn, dropped ones included (Σ over the mini-batch's prompts of prompt_weight)
+    rl_prompts: float = 0.0  # prompts with a row with rl_weight > 0
+    sft_prompts: float = 0.0  # prompts with a row with sft_weight > 0
 
 
 # Row fields a TrainBatch slices along dim 0 (everything that is a per-row tensor).
@@ -207,6 +214,7 @@ class TrainBatch:
     advantages: Tensor | None = None  # [N] or [N, L], set from compute_advantage
     totals: Totals = field(default_factory=Totals)
     stats: dict[str, float] = field(default_factory=dict)  # mini-batch statistics (minibatch_statistics)
+    prompt_weight: float = 1.0  # prompts drawn for the step / prompts with rows (≥ 1: routes dropped the rest)
     # Plugin per-row tensors [N, ...]; one whose first two dims are [N, L] (the response_mask's
     # shape) is per-token and is cut with the padding columns like the fields above.
     extras: dict[str, Tensor] = field(default_factory=dict)

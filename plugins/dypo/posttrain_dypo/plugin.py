@@ -33,6 +33,7 @@ from posttrain import GRPOConfig, LossTerm, Needs, Route, help_field, hookimpl
 from posttrain import functional as F
 
 GAL_REFERENCES = ("initial", "old")
+WEIGHTINGS = ("per_term", "prompt_fraction")
 PAIR_REDUCTIONS = ("mean", "sum")
 # A rollout is a success when its reward is above this: Trajectory.correct's rule, so the pairs
 # of GAL are exactly the S×F of the grading (a mid group always has at least one pair).
@@ -54,6 +55,14 @@ class DYPOConfig(GRPOConfig):
         "SFT weight (Route.sft = γ, so batch.sft_weight = γ; the loss does not multiply by it again); γ = 0 drops "
         "hard prompts. Token-mean over the mini-batch's demonstration tokens. Paper: γ, value unstated; 1.0 "
         "(the DYPO README's actor.sft_loss_coef=1.0).")
+    weighting: str = help_field(
+        "per_term", "How Eq. 4's parts are weighted. per_term: each part is a mean over its own rows (SFT over the "
+        "hard prompts' demonstration tokens, GRPO over the mid tokens, GAL over the mid groups), so a mini-batch's "
+        "share of easy, hard and mid prompts does not scale the loss. prompt_fraction: Eq. 4's expectation over ALL "
+        "prompts, easy ones included: the SFT part × (hard prompts / prompts), the GRPO, GAL and KL parts × (mid "
+        "prompts / prompts) (batch.totals: sft_prompts, rl_prompts, prompts); the update then shrinks as prompts "
+        "turn easy. Default per_term: the paper ships no code, and per_term keeps each part's scale (and the "
+        "effective learning rate) independent of the batch's difficulty mix.")
     # --- GAL details the paper leaves open (research/algorithms.md §4.2) ----------------------------
     gal_reference: str = help_field(
         "initial",
@@ -97,6 +106,8 @@ class DYPOConfig(GRPOConfig):
             problems.append(f"sft_coef (γ) must be >= 0, got {self.sft_coef}")
         if self.gal_reference not in GAL_REFERENCES:
             problems.append(f"gal_reference '{self.gal_reference}' is not one of {' | '.join(GAL_REFERENCES)}")
+        if self.weighting not in WEIGHTINGS:
+            problems.append(f"weighting '{self.weighting}' is not one of {' | '.join(WEIGHTINGS)}")
         if self.gal_pair_reduction not in PAIR_REDUCTIONS:
             problems.append(f"gal_pair_reduction '{self.gal_pair_reduction}' is not one of {' | '.join(PAIR_REDUCTIONS)}")
         if problems:
@@ -116,7 +127,7 @@ def uses_gal(config: DYPOConfig) -> bool:
 def requirements(config):
     return Needs(
         rollouts=True,
-        reference=(uses_gal(config) and config.gal_reference == "initial") or config.kl_coef > 0,
+        reference=(uses_gal(config) and config.gal_reference == "initial") or config.kl_coef > 0 or config.kl_reward_coef > 0,
         entropy=config.entropy_coef > 0,
         whole_groups=True,  # GAL pairs are members of one group: never split a group across micro-batches
     )
@@ -239,33 +250,47 @@ def build_loss(batch, outputs, advantages, ratio, mask, config, metrics):
 
     Every normaliser is a mini-batch total (``batch.totals``): GRPO over the mid rows' tokens
     (``loss_agg``), GAL over the mid rows (see ``group_alignment_loss``), SFT over the
-    demonstration tokens, so micro-batching changes nothing.
+    demonstration tokens, so micro-batching changes nothing. ``weighting: prompt_fraction``
+    then scales the mid parts by the fraction of mid prompts and SFT by that of hard prompts.
     """
     t = batch.totals
+    mid_w, hard_w = route_fractions(t, config)
     tokens = batch.response_mask  # [N, L]
     rl_rows = batch.rl_weight > 0  # [N] mid rollouts
     terms: list[LossTerm] = []
     if t.rl_seqs > 0:
         if config.alpha > 0:
-            pg = -advantages * ratio * mask * batch.rl_weight[:, None]  # [N, L] masked PPO surrogate
+            # PPO's clipped value, the masked form's gradient (functional.ppo_token_loss)
+            pg = F.ppo_token_loss(ratio, advantages, mask, config.clip_low, config.clip_high, config.clip_dual)
+            pg = pg * batch.rl_weight[:, None]  # [N, L]
             grpo = F.aggregate(pg, tokens & rl_rows[:, None], config.loss_agg, num_tokens=t.rl_tokens,
                                num_seqs=t.rl_seqs, max_len=t.max_len)
-            terms.append(LossTerm("pg", config.alpha * grpo))
+            terms.append(LossTerm("pg", mid_w * config.alpha * grpo))
         if uses_gal(config):
-            terms.append(_gal_term(batch, outputs, config, metrics))
+            gal = _gal_term(batch, outputs, config, metrics)
+            terms.append(LossTerm(gal.name, mid_w * gal.value, gal.metrics))
         if config.kl_coef > 0 and batch.ref_logprobs is not None:
             kl = F.kl_estimate(outputs.logprobs, batch.ref_logprobs, config.kl_estimator)  # [N, L]
             kl = F.aggregate(kl, tokens & rl_rows[:, None], config.loss_agg, num_tokens=t.rl_tokens,
                              num_seqs=t.rl_seqs, max_len=t.max_len)
-            terms.append(LossTerm("kl", config.alpha * config.kl_coef * kl))
+            terms.append(LossTerm("kl", mid_w * config.alpha * config.kl_coef * kl))
     if t.sft_seqs > 0:  # γ is already the rows' sft_weight (Route.sft)
         sft_tokens = tokens & (batch.sft_weight > 0)[:, None]
-        terms.append(LossTerm("sft", F.sft_nll(outputs.logprobs, sft_tokens, num_tokens=t.sft_tokens,
-                                               weights=batch.sft_weight)))
+        terms.append(LossTerm("sft", hard_w * F.sft_nll(outputs.logprobs, sft_tokens, num_tokens=t.sft_tokens,
+                                                        weights=batch.sft_weight)))
     if config.entropy_coef > 0 and outputs.entropy is not None:
         ent = F.aggregate(outputs.entropy, tokens, "token-mean", num_tokens=t.tokens, num_seqs=t.seqs)
         terms.append(LossTerm("entropy", -config.entropy_coef * ent))
     return terms
+
+
+def route_fractions(totals, config) -> tuple[float, float]:
+    """(weight of the mid parts, weight of the SFT part): 1, 1 under ``per_term``; under
+    ``prompt_fraction`` Eq. 4's E_q over every prompt of the mini-batch, easy ones included:
+    (mid prompts / prompts, hard prompts / prompts)."""
+    if config.weighting == "per_term" or totals.prompts <= 0:
+        return 1.0, 1.0
+    return totals.rl_prompts / totals.prompts, totals.sft_prompts / totals.prompts
 
 
 def _gal_term(batch, outputs, config, metrics) -> LossTerm:

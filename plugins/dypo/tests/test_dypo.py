@@ -497,3 +497,47 @@ def test_two_step_run_on_the_tiny_model(tmp_path):
     assert rows[0]["loss/gal"] == pytest.approx(0.5 * LOG2, rel=1e-4)
     # after one update the policy has left the reference
     assert rows[1]["dypo/gal"] != pytest.approx(LOG2, rel=1e-6)
+
+
+# --- Eq. 4's weighting: E_q over every prompt, easy ones included -----------------------------------
+
+
+def test_prompt_counts_per_route_in_the_totals(pm):
+    _, batch, _ = three_grade_batch(pm, DYPOConfig(sft_coef=0.5))
+    # 3 prompts drawn, 2 with rows (the easy one was dropped): each kept prompt stands for 1.5.
+    assert batch.prompt_weight == 1.5
+    t = totals_of(batch, max_len=16)
+    assert (t.prompts, t.rl_prompts, t.sft_prompts) == (3.0, 1.0, 1.0)
+    mid_only = totals_of(batch.select([1, 2, 3]), max_len=16)  # a mini-batch holding the mid prompt only
+    assert (mid_only.prompts, mid_only.rl_prompts, mid_only.sft_prompts) == (1.5, 1.0, 0.0)
+
+
+@pytest.mark.parametrize("weighting, mid_w, hard_w", [("per_term", 1.0, 1.0), ("prompt_fraction", 1 / 3, 1 / 3)])
+def test_eq4_prompt_fraction_weighting_on_easy_hard_and_mid_prompts(pm, weighting, mid_w, hard_w):
+    """Eq. 4: L = E_q[1_H·γ·L_SFT + 1_M·(α·L_GRPO + (1−α)·L_GAL)] over the 3 prompts (1 easy, 1 hard,
+    1 mid): the hard part weighs 1/3, the mid part 1/3, the easy prompt 0 but it counts."""
+    cfg = DYPOConfig(sft_coef=0.5, weighting=weighting)
+    _, batch, lp = three_grade_batch(pm, cfg)
+    total, parts, grad = run_split(pm, cfg, batch, [[0], [1, 2, 3]], lp)
+    assert parts == pytest.approx({"pg": mid_w * 0.5 * GRPO_MID, "gal": mid_w * 0.5 * GAL_MID, "sft": hard_w * 1.0})
+    if weighting == "prompt_fraction":
+        assert total == pytest.approx((-0.0577349 + 0.1286687 + 1.0) / 3, abs=1e-6)
+    mid = [mid_w * (0.5 * (-a / 5) + 0.5 * g) for a, g in zip(A_MID, DGAL_MID)]
+    assert torch.allclose(grad, fill(batch, [hard_w * -0.5 / 4] + mid), atol=1e-7)
+
+
+def test_weighting_must_be_known(pm):
+    _, problems = validate_algorithm({"name": "dypo", "weighting": "paper"}, DYPOConfig)
+    assert problems == ["algorithm: weighting 'paper' is not one of per_term | prompt_fraction"]
+
+
+def test_logged_grpo_part_is_ppos_clipped_value(pm):
+    """loss/pg is max(−Âρ, −Â·clip(ρ)) (what verl/TRL log), not −Âρ·1_kept: the clipped mid0 and mid1
+    contribute −Â·1.2 and −Â·0.8 per token instead of 0."""
+    cfg = DYPOConfig(alpha=1.0, sft_coef=0.5)
+    _, batch, lp = three_grade_batch(pm, cfg)
+    batch.old_logprobs = lp - fill(batch, [0.0, 0.3, -0.3, 0.1])  # ρ = 1.35, 0.74, 1.105 on mid rows
+    _, parts, _ = run_split(pm, cfg, batch, [[0, 1, 2, 3]], lp)
+    expected = -(A_MID[0] * 1.2 * 2 + A_MID[1] * 0.8 * 1 + A_MID[2] * math.exp(0.1) * 2) / 5
+    assert parts["pg"] == pytest.approx(expected, rel=1e-6)
+    assert expected == pytest.approx(-0.2066516, abs=1e-6)  # −Âρ·1_kept alone: 0.2552278
