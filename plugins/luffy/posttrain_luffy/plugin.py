@@ -14,6 +14,12 @@
   sum is the term the inner implementation built) and logs π_θ on demonstration tokens; the
   plain implementation runs only with ``aggregation: official`` (per-micro-batch means, as the
   code). By default the core's loss runs, with every normaliser from the mini-batch totals.
+
+The code's other settings (defaults off, as in ``train.sh``): ``off_policy_shaping`` logp /
+p_logp, ``on_policy_shaping`` (g(ρ) on rollout tokens), ``off_max_clip``/``off_min_clip`` and
+``target_probs`` (``shape_ratio``), ``all_max_clip`` (``stabilization_mask``), ``demo_loss: sft``,
+the "RL w/ SFT loss" baseline (``compose_group`` keeps the demonstration out of the advantage
+group, ``route_group`` gives it SFT), and ``entropy_target`` (``build_loss``, official mode).
 """
 
 from __future__ import annotations
