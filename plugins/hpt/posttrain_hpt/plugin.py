@@ -46,9 +46,9 @@ class HPTConfig(GRPOConfig):
         None,
         "Second threshold of the switch gate (the official code's switch_gate_off, a COUNT): a prompt with "
         "gate_max_correct < c <= gate_off_max_correct drops its rollouts and trains its demonstration with LUFFY "
-        "off-policy RL (π_ref ≡ 1, shaping off_policy_shaping, Â = r_demo, weight off_rl_weight) instead of SFT; "
-        "c above it keeps RL on the rollouts. None = gate_max_correct (an empty band, as every official script: "
-        "switch_gate_off = switch_gate).")
+        "off-policy RL (π_ref ≡ 1, shaping off_policy_shaping, Â = r_demo, weight off_rl_weight) instead of SFT, "
+        "as the code's offline_loss_type=off_sft trains its whether_off rows; c above it keeps RL on the rollouts. "
+        "None = gate_max_correct (an empty band, as every official script: switch_gate_off = switch_gate).")
     gate: str = help_field(
         "switch",
         "Feedback functions of P = c/n: switch (paper Eq. 10 / official unify_strategy=switch: (α, β) = (0, 1) "
