@@ -54,8 +54,10 @@ class HPTConfig(GRPOConfig):
         "Feedback functions of P = c/n: switch (paper Eq. 10 / official unify_strategy=switch: (α, β) = (0, 1) "
         "when c <= gate_max_correct, else (1, 0)) | linear (α rises linearly from 0 at P <= ramp_start to 1 at "
         "P >= ramp_end, β = 1 − α; both losses on one prompt in between; sft_on only; not in the code) | soft "
-        "(official unify_strategy=soft: every prompt keeps its n rollouts AND adds its demonstration, "
-        "(α, β) = (1, 1); sft_on only). Paper: switch.")
+        "(official unify_strategy=soft with offline_loss_type=sft: every prompt keeps its n rollouts AND adds its "
+        "demonstration, which shares the prompt's advantage group (Â = r − mean over rollouts ∪ demonstration) but "
+        "gets SFT only, no policy gradient; the code's per-count soft_type coefficient tables are computed but never "
+        "read by its actor, so they are not reproduced; sft_on only). Paper: switch.")
     ramp_start: float = help_field(
         0.0, "linear gate: P = c/n (a FRACTION in [0, 1]) at or below which α = 0, β = 1. Not in the paper.")
     ramp_end: float = help_field(
@@ -144,6 +146,11 @@ def algorithm_config():
 # --- per prompt group ------------------------------------------------------------------------------
 
 
+def demo_in_group(config: HPTConfig) -> bool:
+    """Whether compose_group appends the demonstration to the members (verified, in the advantage group)."""
+    return uses_off_policy_rl(config) or config.gate == "soft"
+
+
 def uses_off_policy_rl(config: HPTConfig) -> bool:
     """Whether some prompt may train its demonstration with off-policy RL (variants, or a switch_gate_off band)."""
     return config.variant != "sft_on" or off_band(config)
@@ -156,8 +163,9 @@ def off_band(config: HPTConfig) -> bool:
 
 @hookimpl
 def compose_group(group, config):
-    """OFF/ON, Mix/ON, switch_gate_off band: the first demonstration joins the members (off-policy) so it is verified."""
-    if not uses_off_policy_rl(config) or not group.members or not group.demonstrations:
+    """OFF/ON, Mix/ON, switch_gate_off band, soft: the first demonstration joins the members (off-policy),
+    so it is verified (and, for soft, enters the prompt's advantage baseline)."""
+    if not demo_in_group(config) or not group.members or not group.demonstrations:
         return None
     if any(m.off_policy for m in group.members):
         return None  # already there (another stage or an extension put it in)
@@ -195,6 +203,8 @@ def route_group(group, config, metrics):
             metrics.log("hpt/beta", beta)
     if beta == 0:
         return Route(rl=alpha, sft=0.0, members=tuple(on))
+    if config.gate == "soft":  # rollouts ∪ demonstration in one advantage group; the demo row also gets SFT
+        return Route(rl=1.0, sft=1.0, demos=(0,))
     band = off_band(config) and c > config.gate_max_correct  # switch_gate < c <= switch_gate_off
     if metrics is not None and off_band(config):
         metrics.log("hpt/off_rl_ratio", float(band))
@@ -227,6 +237,15 @@ def shape_ratio(batch, ratio, config):
         return None
     shaped = F.policy_shaping(ratio, kind=config.off_policy_shaping, gamma=config.shaping_gamma)
     return torch.where(batch.off_policy_tokens, shaped, ratio)
+
+
+@hookimpl
+def stabilization_mask(batch, config):
+    """gate: soft: no policy gradient on demonstration tokens (the code's sft branch trains PG on on-policy rows
+    only); the demonstration row is in the batch for the advantage baseline and its SFT term."""
+    if config.gate != "soft":
+        return None
+    return ~batch.off_policy_tokens
 
 
 @hookimpl

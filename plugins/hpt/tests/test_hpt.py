@@ -415,21 +415,25 @@ def test_two_threshold_gate_loss_and_gradient(pm):
 
 
 def test_soft_strategy_keeps_rollouts_and_adds_the_demonstration(pm):
-    """unify_strategy=soft: every prompt, whatever its count, trains RL on its rollouts and SFT on its demo."""
+    """unify_strategy=soft (offline_loss_type=sft): every prompt keeps its rollouts and adds its demo, which has the
+    prompt's uid: its reward enters the GRPO baseline, but the sft branch trains PG on on-policy rows only."""
     cfg = HPTConfig(gate="soft")
     groups = [group([0, 0, 0, 0], [2, 2, 2, 2], 4, "w"), group([1, 0, 0, 1], [3, 1, 2, 2], 2, "m")]
     groups, routes = route_all(pm, cfg, groups)
-    assert routes == [Route(rl=1.0, sft=1.0, demos=(0,), members=(0, 1, 2, 3))] * 2
+    assert routes == [Route(rl=1.0, sft=1.0, demos=(0,))] * 2 and all(g.members[4].off_policy for g in groups)
     batch = make_batch(pm, cfg, groups, routes)
-    assert batch.rl_weight.tolist() == [1, 1, 1, 1, 0, 1, 1, 1, 1, 0]
-    assert batch.sft_weight.tolist() == [0, 0, 0, 0, 1, 0, 0, 0, 0, 1]
+    assert batch.rl_weight.tolist() == [1] * 10 and batch.sft_weight.tolist() == [0, 0, 0, 0, 1] * 2
+    # Â = r − mean over 4 rollouts + demo (r = 1): "w" mean 0.2, "m" mean 0.6
+    assert batch.advantages.tolist() == pytest.approx([-0.2] * 4 + [0.8] + [0.4, -0.6, -0.6, 0.4] + [0.4])
     lp = fill(batch, [-1.0] * 4 + [[-1.0, -2.0, -3.0, -2.0]] + [-1.0] * 4 + [[-0.5, -0.5]])
     ent = fill(batch, [2.0] * 4 + [1.0] + [2.0] * 4 + [1.0])
     total, parts, g_lp, _ = run_split(pm, cfg, batch, [list(range(10))], lp, ent)
-    # all-wrong rollouts: A = 0; mixed: A = ±0.5 on lengths 3, 1, 2, 2 → −(1.5 − 0.5 − 1 + 1)/16
-    assert parts["pg"] == pytest.approx(-1 / 16)
+    # PG over rollouts only: "w" −(−0.2·8)/16, "m" −(0.4·3 − 0.6·1 − 0.6·2 + 0.4·2)/16 → 1.4/16
+    assert parts["pg"] == pytest.approx(1.4 / 16)
     assert parts["sft"] == pytest.approx(9 / 6)  # NLL (8 + 1) over the 6 demo tokens
-    assert total == pytest.approx(-1 / 16 + 1.5 - 0.001 * (6 * 1.0 + 16 * 2.0) / 22)
+    assert total == pytest.approx(1.4 / 16 + 1.5 - 0.001 * (6 * 1.0 + 16 * 2.0) / 22)
+    expected = fill(batch, [0.2 / 16] * 4 + [-1 / 6] + [-0.4 / 16, 0.6 / 16, 0.6 / 16, -0.4 / 16] + [-1 / 6])
+    assert torch.allclose(g_lp, expected, atol=1e-7)  # demo tokens: SFT only, no PG
 
 
 @pytest.mark.parametrize("section, expected", [
