@@ -519,3 +519,34 @@ def test_cispo_token_loss_value_and_gradient():
     assert loss[0].tolist() == pytest.approx([1.28, -1.6])
     loss.sum().backward()
     assert logp.grad[0].tolist() == pytest.approx([-1.28, 0.8])  # −ŵ·A, both tokens kept
+
+
+def test_gibbs_target_exact_at_p_1e_9_is_eq_18():
+    """β = 10, p_ref(y*) = 1e-9 (float64): Eq. 18 gives q(y*) = p·e^β/(p·e^β + 1 − p) = 2.2026e-5; the
+    official log(p + 1e-10) gives 2.4229e-5 (10 % off); the float32 gibbs_target is off by the same 10 %."""
+    p = 1e-9
+    ref = torch.tensor([p, 0.5, 0.3, 0.2 - p], dtype=torch.float64).log()
+    exact_gold = p * math.exp(10) / (p * math.exp(10) + 1 - p)
+    q = F.gibbs_target_exact(ref, torch.tensor(0), beta=10.0)
+    assert q.dtype == torch.float64
+    assert float(q[0]) == pytest.approx(exact_gold, rel=1e-12) and exact_gold == pytest.approx(2.20260e-5, rel=1e-5)
+    # the non-gold tokens keep the base's shape, scaled by 1/(p·e^β + 1 − p)
+    assert q[1:].tolist() == pytest.approx([x / (p * math.exp(10) + 1 - p) for x in (0.5, 0.3, 0.2 - p)], rel=1e-12)
+    guarded_gold = 1.1e-9 * math.exp(10) / (1.1e-9 * math.exp(10) + 1 - p + 3e-10)
+    official = F.gibbs_target_exact(ref, torch.tensor(0), beta=10.0, guard=1e-10)
+    assert float(official[0]) == pytest.approx(guarded_gold, rel=1e-9) and float(official[0]) / exact_gold == pytest.approx(1.1, rel=1e-4)
+    assert float(F.gibbs_target(ref[None], torch.tensor([0]), 10.0)[0, 0]) == pytest.approx(guarded_gold, rel=1e-4)
+
+
+def test_gibbs_target_exact_smoothing_zero_mass_and_dtype():
+    # base [0.5, 0.5, 0, 0], λ = 0.2, V = 4: p̃ = [0.45, 0.45, 0.05, 0.05]; β = ln 3 on token 0 → [1.35, .45, .05, .05]/1.9
+    ref = torch.tensor([0.5, 0.5, 0.0, 0.0]).log()
+    q = F.gibbs_target_exact(ref, torch.tensor(0), beta=math.log(3.0), smooth=0.2)
+    torch.testing.assert_close(q, torch.tensor([0.710526, 0.236842, 0.026316, 0.026316]), atol=1e-6, rtol=0)
+    # λ = 0: tokens without base mass get exactly 0 (no guard), the rest [1.5, 0.5]/2
+    q0 = F.gibbs_target_exact(ref, torch.tensor(0), beta=math.log(3.0))
+    assert q0.tolist() == pytest.approx([0.75, 0.25, 0.0, 0.0], abs=1e-7) and float(q0[2]) == 0.0
+    # λ = 1: the uniform distribution, tilted
+    q1 = F.gibbs_target_exact(ref, torch.tensor(1), beta=math.log(3.0), smooth=1.0)
+    assert q1.tolist() == pytest.approx([1 / 6, 1 / 2, 1 / 6, 1 / 6], abs=1e-7)
+    assert F.gibbs_target_exact(ref.bfloat16(), torch.tensor(0), beta=1.0).dtype == torch.float32

@@ -563,3 +563,28 @@ def cispo_token_loss(logprobs: Tensor, ratio: Tensor, advantages: Tensor, eps_lo
 
 
 __all__ += ["ppo_token_loss", "kl_reward_penalty", "reinforce_pp_advantages", "cispo_token_loss"]
+
+
+# --- appended for the official-settings work (GIFT's exact target, LUFFY's shaping family) ----------
+
+
+def gibbs_target_exact(ref_logprobs: Tensor, labels: Tensor, beta: float, smooth: float = 0.0,
+                       guard: float | None = None) -> Tensor:
+    """GIFT's target q [..., V] in log space, in the reference's dtype or float32, whichever is wider.
+
+    Paper Eq. 18: q = softmax(log p̃ + β·onehot(y*)), p̃ = (1−λ)·p_ref + λ/V, computed from the
+    log-probs directly (log p̃ = logaddexp(log(1−λ) + log p_ref, log(λ/V))), so a gold token with
+    p_ref = 1e-9 keeps q(y*) = p·e^β/(p·e^β + 1 − p) exactly and a token with p̃ = 0 gets q = 0.
+    ``guard`` = 1e-10 gives the official code's log(p̃ + 1e-10) instead (``gibbs_target`` is that
+    form in float32). A float64 reference gives a float64 target. No gradient.
+    """
+    dtype = torch.promote_types(ref_logprobs.dtype, torch.float32)
+    z = ref_logprobs.detach().to(dtype)
+    if smooth:
+        V = z.shape[-1]
+        z = torch.logaddexp(z + math.log1p(-smooth) if smooth < 1.0 else torch.full_like(z, -math.inf),
+                            torch.full_like(z, math.log(smooth / V)))
+    if guard is not None:
+        z = torch.log(torch.exp(z) + guard)
+    z = z.scatter_add(-1, labels.unsqueeze(-1), torch.full_like(z[..., :1], float(beta)))
+    return torch.softmax(z, dim=-1)

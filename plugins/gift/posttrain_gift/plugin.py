@@ -6,7 +6,8 @@ An offline, SFT-stage loss. At every position t of a demonstration y* the frozen
 gives log p_base(·|x, y*_<t) over the whole vocabulary; the target is that distribution tilted
 by e^β on the demonstration token,
 
-    p̃_t = (1 − λ)·p_base + λ/V,   q_t = softmax(log(p̃_t + 1e-10) + β·onehot(y*_t)),
+    p̃_t = (1 − λ)·p_base + λ/V,   q_t = softmax(log p̃_t + β·onehot(y*_t))   (Eq. 18; the code
+                                    writes log(p̃_t + 1e-10): ``target_form: official``),
 
 and the policy minimises the soft-target cross-entropy ℓ_t = −Σ_k q_t(k)·log π_θ(k|x, y*_<t),
 averaged over the demonstration tokens of the mini-batch. β → ∞ is SFT; β = 0 distils the
@@ -36,6 +37,8 @@ from posttrain import GRPOConfig, LossTerm, Needs, Route, help_field, hookimpl
 from posttrain import functional as F
 
 DEMO_CHOICES = ("all", "first", "random")
+TARGET_FORMS = ("exact", "official")
+AGGREGATIONS = ("invariant", "official")
 DIAGNOSTICS = ("kl_to_base", "target_entropy", "topk_overlap", "target_gold_prob")  # order of the stacked stats
 
 
@@ -51,6 +54,19 @@ class GIFTConfig(GRPOConfig):
         0.0,
         "λ: mix the base distribution with the uniform one before tilting, p̃ = (1−λ)·p_base + λ/V. Official "
         "code smooth_lambda (default 0.0); not in the paper's Algorithm 1.")
+    target_form: str = help_field(
+        "exact",
+        "How q is computed: exact (paper App. B Eq. 18 in log space, q = softmax(log p̃ + β·onehot), no guard) | "
+        "official (the official code's log(p̃ + 1e-10) guard). Both in the model's dtype or wider (float64 in a "
+        "float64 run). They differ only where the base gives the gold token p ≲ 1e-8, exactly where GIFT departs "
+        "from SFT: at β = 10, p = 1e-9 the guard makes q(y*) 10 % too large. Default: exact (the paper's target; the "
+        "guard is a float32 engineering trick that log space does not need).")
+    aggregation: str = help_field(
+        "invariant",
+        "invariant: token-mean over the mini-batch's demonstration tokens, so micro-batching changes nothing | "
+        "official: the official trainer's numbers (fsdp_gift_trainer): each micro-batch's token-mean, "
+        "back-propagated and summed over micro-batches (weight grows with the number of micro-batches; the code's "
+        "+1e-8 in the denominator is omitted). Default: invariant.")
     demos: str = help_field(
         "all",
         "Which demonstrations of a prompt to train on: all (each (prompt, demonstration) pair is one sample, as "
@@ -71,6 +87,9 @@ class GIFTConfig(GRPOConfig):
             problems.append(f"beta must be >= 0 (paper: 20 for Qwen, 10 for Llama; .inf is SFT), got {self.beta}")
         if not 0.0 <= self.smooth <= 1.0:
             problems.append(f"smooth (λ) must be in [0, 1], got {self.smooth}")
+        for key, allowed in (("target_form", TARGET_FORMS), ("aggregation", AGGREGATIONS)):
+            if getattr(self, key) not in allowed:
+                problems.append(f"{key} '{getattr(self, key)}' is not one of {' | '.join(allowed)}")
         if self.demos not in DEMO_CHOICES:
             problems.append(f"demos '{self.demos}' is not one of {' | '.join(DEMO_CHOICES)}")
         if self.overlap_k < 1:
@@ -87,16 +106,22 @@ class GIFTConfig(GRPOConfig):
 # --- the math ------------------------------------------------------------------------------------
 
 
-def gift_target(reference_logprobs: Tensor, labels: Tensor, beta: float, smooth: float = 0.0) -> Tensor:
+def gift_target(reference_logprobs: Tensor, labels: Tensor, beta: float, smooth: float = 0.0,
+                form: str = "official", dtype: torch.dtype | None = None) -> Tensor:
     """q [..., V] from the base log-probs [..., V] and the demonstration tokens [...].
 
-    ``functional.gibbs_target`` (the official code's formula, 1e-10 guard included), except that
-    β = ∞ gives the one-hot SFT target exactly (the finite formula would compute ∞ − ∞).
+    ``form``: official, q = softmax(log(p̃ + 1e-10) + β·onehot(y*)) (the code; this function's
+    default, kept for its callers) | exact, q = softmax(log p̃ + β·onehot(y*)) (Eq. 18, the
+    plugin's default through ``target_form``). Computed in the wider of ``reference_logprobs``'s
+    dtype, ``dtype`` (the model's) and float32. β = ∞ gives the one-hot SFT target exactly (the
+    finite formula would compute ∞ − ∞).
     """
+    wide = torch.promote_types(reference_logprobs.dtype, dtype or torch.float32)
     if math.isinf(beta):
         V = reference_logprobs.shape[-1]
-        return torch.nn.functional.one_hot(labels, V).to(torch.float32)
-    return F.gibbs_target(reference_logprobs, labels, beta, smooth)
+        return torch.nn.functional.one_hot(labels, V).to(torch.promote_types(wide, torch.float32))
+    return F.gibbs_target_exact(reference_logprobs.to(wide), labels, beta, smooth,
+                                guard=1e-10 if form == "official" else None)
 
 
 @torch.no_grad()
@@ -179,7 +204,8 @@ def route_group(group, config, step):
 @hookimpl
 def token_distribution_loss(logits, reference_logprobs, labels, config, metrics):
     """ℓ [n, c] = −Σ_k q(k)·log softmax(logits)_k, q = the Gibbs target of the chunk."""
-    target = gift_target(reference_logprobs, labels, config.beta, config.smooth)
+    target = gift_target(reference_logprobs, labels, config.beta, config.smooth, form=config.target_form,
+                         dtype=logits.dtype)
     loss = F.soft_cross_entropy(logits, target)
     if metrics is not None and config.diagnostics:
         stats = token_diagnostics(logits, reference_logprobs, target, labels, config.overlap_k)
@@ -196,7 +222,9 @@ def build_loss(batch, outputs, config, metrics):
     rows = batch.sft_weight > 0
     mask = batch.response_mask & rows[:, None]  # demonstration tokens routed to GIFT
     weighted = outputs.distribution_loss * batch.sft_weight[:, None]
-    value = config.sft_coef * F.aggregate(weighted, mask, "token-mean", num_tokens=t.sft_tokens, num_seqs=t.sft_seqs)
+    # official: this micro-batch's own token count (the code's per-micro-batch mean, summed by backward)
+    num_tokens = t.sft_tokens if config.aggregation == "invariant" else float(mask.sum())
+    value = config.sft_coef * F.aggregate(weighted, mask, "token-mean", num_tokens=num_tokens, num_seqs=t.sft_seqs)
     if metrics is not None:
         _log_metrics(batch, outputs, mask, config, metrics)
     return [LossTerm("gift", value)]

@@ -445,3 +445,73 @@ def test_two_stage_gift_then_grpo_run(tmp_path):
     assert len(grpo_rows) == 2
     assert all("reward/mean" in r and "loss/pg" in r and r["route/rl"] == 1.0 for r in grpo_rows)
     assert not any(k.startswith("gift/") for r in grpo_rows for k in r)
+
+
+# --- the exact target (paper Eq. 18) and the official code's options ----------------------------------
+
+
+def test_default_target_is_eq_18_at_p_1e_9_in_float64():
+    """β = 10, p_base(y*) = 1e-9, float64 model: q(y*) = p·e^β/(p·e^β + 1 − p) = 2.20260e-5 exactly.
+
+    Read q back from the gradient of ℓ wrt the logits, softmax(z) − q. The official log(p + 1e-10)
+    gives 2.42286e-5 (+10 %), and the float32 computation of the old code lost the float64 precision.
+    """
+    p = 1e-9
+    base = torch.tensor([p, 0.5, 0.3, 0.2 - p], dtype=torch.float64)
+    z = torch.zeros(1, 1, 4, dtype=torch.float64, requires_grad=True)  # π_θ uniform
+    loss = _hook(z, base.log().view(1, 1, 4), torch.tensor([[0]]), _cfg(beta=10.0))
+    assert loss.dtype == torch.float64
+    loss.sum().backward()
+    q = 0.25 - z.grad.view(4)
+    gold = p * math.exp(10.0) / (p * math.exp(10.0) + 1 - p)
+    assert float(q[0]) == pytest.approx(gold, rel=1e-10) and gold == pytest.approx(2.20260e-5, rel=1e-5)
+    assert float(q[1]) == pytest.approx(0.5 / (p * math.exp(10.0) + 1 - p), rel=1e-10)
+    # target_form: official keeps the code's guard (computed in float64 too)
+    z.grad = None
+    _hook(z, base.log().view(1, 1, 4), torch.tensor([[0]]), _cfg(beta=10.0, target_form="official")).sum().backward()
+    q_off = 0.25 - z.grad.view(4)
+    assert float(q_off[0]) == pytest.approx(1.1e-9 * math.exp(10.0) / (1.1e-9 * math.exp(10.0) + 1 - p + 3e-10), rel=1e-9)
+    assert float(q_off[0]) / gold == pytest.approx(1.1, rel=1e-4)
+
+
+def test_exact_form_is_the_closed_form_and_official_stays_close_at_p_1e_6():
+    """BASE4 (p = 1e-6, β = 20): exact = Eq. 18's closed form to 1e-12; the guard's 1e-10 moves p by 1e-4
+    relative, so q(y*) by 2e-7 and the non-gold mass by 1e-4 (relative)."""
+    p, e = 1e-6, math.exp(20.0)
+    closed = torch.tensor([p * e, 0.5, 0.3, 0.2 - p], dtype=torch.float64) / (p * e + 1 - p)
+    exact = gift_target(BASE4.log(), torch.tensor(0), beta=20.0, form="exact")
+    official = gift_target(BASE4.log(), torch.tensor(0), beta=20.0, form="official")
+    assert exact.dtype == official.dtype == torch.float64
+    torch.testing.assert_close(exact, closed, rtol=1e-12, atol=0)
+    assert float(official[0] / exact[0] - 1) == pytest.approx(2.1e-7, rel=0.05)
+    assert float(official[1:].sum() / exact[1:].sum() - 1) == pytest.approx(-1e-4, rel=0.01)
+
+
+def test_official_aggregation_sums_micro_batch_means():
+    # ℓ per token: row 0 [1, 2, 3] (weight 1), row 1 [4] (weight 0.5); sft_coef 0.5.
+    # official, one row per micro-batch: 0.5·(6/3 + 0.5·4/1) = 2.0 (invariant: 0.5·(6 + 2)/4 = 1.0)
+    pm = make_plugin_manager("gift")
+    batch = _metric_batch().with_(sft_weight=torch.tensor([1.0, 0.5]))
+    dist = torch.tensor([[1.0, 2.0, 3.0], [4.0, 99.0, 99.0]], requires_grad=True)
+    for agg, expected, grads in (("official", 2.0, [[0.5 / 3] * 3, [0.25, 0.0, 0.0]]),
+                                 ("invariant", 1.0, [[0.125] * 3, [0.0625, 0.0, 0.0]])):
+        cfg = GIFTConfig(sft_coef=0.5, aggregation=agg)
+        dist.grad = None
+        total = 0.0
+        for r in ([0], [1]):
+            mb = batch.select(r)
+            o = ModelOutputs(logprobs=torch.zeros(1, 3), distribution_loss=dist[r])
+            (term,) = pm.hook.build_loss(batch=mb, outputs=o, mask=mb.response_mask, advantages=torch.zeros(1, 3),
+                                         ratio=torch.ones(1, 3), config=cfg, step=0, metrics=None)
+            term.value.backward()
+            total += float(term.value.detach())
+        assert total == pytest.approx(expected)
+        torch.testing.assert_close(dist.grad, torch.tensor(grads))
+
+
+def test_target_form_and_aggregation_validation():
+    for bad, words in [({"target_form": "guarded"}, "target_form 'guarded' is not one of exact | official"),
+                       ({"aggregation": "sum"}, "aggregation 'sum' is not one of invariant | official")]:
+        _, problems = validate_algorithm({"name": "gift", **bad}, GIFTConfig)
+        assert any(words in p for p in problems), problems
+    assert (GIFTConfig().target_form, GIFTConfig().aggregation) == ("exact", "invariant")

@@ -27,7 +27,7 @@ import torch
 from posttrain import GRPOConfig, LossTerm, Route, help_field, hookimpl
 from posttrain import functional as F
 
-GATES = ("switch", "linear")
+GATES = ("switch", "linear", "soft")
 VARIANTS = ("sft_on", "off_on", "mix_on")
 AGGREGATIONS = ("invariant", "official")
 SHAPINGS = ("none", "p_div_p", "sqrt")
@@ -42,11 +42,22 @@ class HPTConfig(GRPOConfig):
         "SFT when at most this many of the n on-policy rollouts are correct (a COUNT out of rollout.n, "
         "not a fraction; the official code's switch_gate). RL needs gate_max_correct + 1 correct rollouts. "
         "Paper γ: 0 for Qwen2.5-Math, 2 for LLaMA-3.1-8B.")
+    gate_off_max_correct: Optional[int] = help_field(
+        None,
+        "Second threshold of the switch gate (the official code's switch_gate_off, a COUNT): a prompt with "
+        "gate_max_correct < c <= gate_off_max_correct drops its rollouts and trains its demonstration with LUFFY "
+        "off-policy RL (π_ref ≡ 1, shaping off_policy_shaping, Â = r_demo, weight off_rl_weight) instead of SFT, "
+        "as the code's offline_loss_type=off_sft trains its whether_off rows; c above it keeps RL on the rollouts. "
+        "None = gate_max_correct (an empty band, as every official script: switch_gate_off = switch_gate).")
     gate: str = help_field(
         "switch",
-        "Feedback functions of P = c/n: switch (paper Eq. 10 / official: (α, β) = (0, 1) when "
-        "c <= gate_max_correct, else (1, 0)) | linear (α rises linearly from 0 at P <= ramp_start to 1 at "
-        "P >= ramp_end, β = 1 − α; both losses on one prompt in between; sft_on only). Paper: switch.")
+        "Feedback functions of P = c/n: switch (paper Eq. 10 / official unify_strategy=switch: (α, β) = (0, 1) "
+        "when c <= gate_max_correct, else (1, 0)) | linear (α rises linearly from 0 at P <= ramp_start to 1 at "
+        "P >= ramp_end, β = 1 − α; both losses on one prompt in between; sft_on only; not in the code) | soft "
+        "(official unify_strategy=soft with offline_loss_type=sft: every prompt keeps its n rollouts AND adds its "
+        "demonstration, which shares the prompt's advantage group (Â = r − mean over rollouts ∪ demonstration) but "
+        "gets SFT only, no policy gradient; the code's per-count soft_type coefficient tables are computed but never "
+        "read by its actor, so they are not reproduced; sft_on only). Paper: switch.")
     ramp_start: float = help_field(
         0.0, "linear gate: P = c/n (a FRACTION in [0, 1]) at or below which α = 0, β = 1. Not in the paper.")
     ramp_end: float = help_field(
@@ -101,6 +112,17 @@ class HPTConfig(GRPOConfig):
                 problems.append(f"{key} '{getattr(self, key)}' is not one of {' | '.join(allowed)}")
         if self.gate_max_correct < 0:
             problems.append(f"gate_max_correct must be >= 0 (a count of correct rollouts), got {self.gate_max_correct}")
+        if self.gate_off_max_correct is not None:
+            if self.gate_off_max_correct < self.gate_max_correct:
+                problems.append(f"gate_off_max_correct ({self.gate_off_max_correct}) must be >= gate_max_correct "
+                                f"({self.gate_max_correct}): the off-policy RL band is gate_max_correct < c <= "
+                                "gate_off_max_correct")
+            if self.gate != "switch" or self.variant != "sft_on":
+                problems.append("gate_off_max_correct works with gate: switch and variant: sft_on only (the official "
+                                "switch_gate_off band of unify_strategy=switch, offline_loss_type=sft)")
+        if self.gate == "soft" and self.variant != "sft_on":
+            problems.append("gate: soft works with variant: sft_on only (official unify_strategy=soft adds an SFT "
+                            "demonstration to every prompt)")
         if self.gate == "linear":
             if not 0.0 <= self.ramp_start < self.ramp_end <= 1.0:
                 problems.append(f"linear gate needs 0 <= ramp_start < ramp_end <= 1 (fractions P = c/n), "
@@ -124,10 +146,26 @@ def algorithm_config():
 # --- per prompt group ------------------------------------------------------------------------------
 
 
+def demo_in_group(config: HPTConfig) -> bool:
+    """Whether compose_group appends the demonstration to the members (verified, in the advantage group)."""
+    return uses_off_policy_rl(config) or config.gate == "soft"
+
+
+def uses_off_policy_rl(config: HPTConfig) -> bool:
+    """Whether some prompt may train its demonstration with off-policy RL (variants, or a switch_gate_off band)."""
+    return config.variant != "sft_on" or off_band(config)
+
+
+def off_band(config: HPTConfig) -> bool:
+    """A non-empty switch_gate_off band: gate_max_correct < c <= gate_off_max_correct."""
+    return config.gate_off_max_correct is not None and config.gate_off_max_correct > config.gate_max_correct
+
+
 @hookimpl
 def compose_group(group, config):
-    """OFF/ON, Mix/ON: the first demonstration joins the members (off-policy) so it is verified."""
-    if config.variant == "sft_on" or not group.members or not group.demonstrations:
+    """OFF/ON, Mix/ON, switch_gate_off band, soft: the first demonstration joins the members (off-policy),
+    so it is verified (and, for soft, enters the prompt's advantage baseline)."""
+    if not demo_in_group(config) or not group.members or not group.demonstrations:
         return None
     if any(m.off_policy for m in group.members):
         return None  # already there (another stage or an extension put it in)
@@ -136,8 +174,11 @@ def compose_group(group, config):
 
 def feedback(correct: int, n: int, config: HPTConfig) -> tuple[float, float]:
     """(α, β) = (f(P), g(P)) for c = ``correct`` of ``n`` on-policy rollouts."""
+    if config.gate == "soft":  # official unify_strategy=soft: rollouts and demonstration, always
+        return 1.0, 1.0
     if config.gate == "switch":  # the count is compared with the count: no fractions involved
-        return (0.0, 1.0) if correct <= config.gate_max_correct else (1.0, 0.0)
+        offline_up_to = config.gate_off_max_correct if off_band(config) else config.gate_max_correct
+        return (0.0, 1.0) if correct <= offline_up_to else (1.0, 0.0)
     p = correct / n
     alpha = min(1.0, max(0.0, (p - config.ramp_start) / (config.ramp_end - config.ramp_start)))
     return alpha, 1.0 - alpha
@@ -162,9 +203,14 @@ def route_group(group, config, metrics):
             metrics.log("hpt/beta", beta)
     if beta == 0:
         return Route(rl=alpha, sft=0.0, members=tuple(on))
-    if config.variant == "sft_on":
+    if config.gate == "soft":  # rollouts ∪ demonstration in one advantage group; the demo row also gets SFT
+        return Route(rl=1.0, sft=1.0, demos=(0,))
+    band = off_band(config) and c > config.gate_max_correct  # switch_gate < c <= switch_gate_off
+    if metrics is not None and off_band(config):
+        metrics.log("hpt/off_rl_ratio", float(band))
+    if config.variant == "sft_on" and not band:
         return Route(rl=alpha, sft=beta, demos=(0,), members=tuple(on) if alpha > 0 else ())
-    # off_on / mix_on (switch gate only): the demonstration alone, trained with off-policy RL
+    # off_on / mix_on / the switch_gate_off band (switch gate only): the demonstration alone, off-policy RL
     demo = next((i for i, m in enumerate(group.members) if m.off_policy and m.teacher in (0, None)), None)
     if demo is None:
         raise RuntimeError(f"{group.example.uid}: variant {config.variant} needs the demonstration among the group's "
@@ -179,7 +225,7 @@ def route_group(group, config, metrics):
 @hookimpl
 def reference_denominator(batch, config):
     """π_ref ≡ 1 on demonstration tokens (log π_ref = 0), so ρ = π_θ there (LUFFY)."""
-    if config.variant == "sft_on":
+    if not uses_off_policy_rl(config):
         return None
     return torch.where(batch.off_policy_tokens, torch.zeros_like(batch.old_logprobs), batch.old_logprobs)
 
@@ -187,10 +233,19 @@ def reference_denominator(batch, config):
 @hookimpl
 def shape_ratio(batch, ratio, config):
     """f(π_θ) = π_θ/(π_θ + γ) on demonstration tokens; on-policy tokens keep ρ."""
-    if config.variant == "sft_on" or config.off_policy_shaping == "none":
+    if not uses_off_policy_rl(config) or config.off_policy_shaping == "none":
         return None
     shaped = F.policy_shaping(ratio, kind=config.off_policy_shaping, gamma=config.shaping_gamma)
     return torch.where(batch.off_policy_tokens, shaped, ratio)
+
+
+@hookimpl
+def stabilization_mask(batch, config):
+    """gate: soft: no policy gradient on demonstration tokens (the code's sft branch trains PG on on-policy rows
+    only); the demonstration row is in the batch for the advantage baseline and its SFT term."""
+    if config.gate != "soft":
+        return None
+    return ~batch.off_policy_tokens
 
 
 @hookimpl

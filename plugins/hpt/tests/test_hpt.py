@@ -365,3 +365,86 @@ def test_two_step_run_on_the_tiny_model(tmp_path, variant):
         if variant == "mix_on" and r["hpt/offline_ratio"] > 0:
             # the demonstrations were verified with the rollouts (they are correct): Â = 1 > 0 on them
             assert r["reward/off_policy_mean"] == 1.0 and r["loss/pg"] < 0 and r["route/mix"] > 0
+
+
+# --- the official code's other gates: switch_gate_off and unify_strategy: soft ----------------------
+
+
+@pytest.mark.parametrize("correct", range(9))
+def test_two_threshold_gate_routes_by_count(pm, correct):
+    """switch_gate=1, switch_gate_off=3: c <= 1 → SFT, 1 < c <= 3 → off-policy RL on the demo, c > 3 → RL."""
+    cfg = HPTConfig(gate_max_correct=1, gate_off_max_correct=3)
+    g = pm.hook.compose_group(group=tiny_group([1] * correct + [0] * (8 - correct), uid=f"g{correct}"), config=cfg,
+                              step=0, metrics=Metrics())
+    assert g.members[8].off_policy  # the band needs the demonstration verified: compose_group appends it
+    r = pm.hook.route_group(group=g, config=cfg, step=0, metrics=Metrics())
+    if correct <= 1:
+        assert r == Route(rl=0.0, sft=1.0, demos=(0,), members=())
+    elif correct <= 3:
+        assert r == Route(rl=1.0, sft=0.0, demos=(0,), members=(8,))
+    else:
+        assert r == Route(rl=1.0, sft=0.0, members=tuple(range(8)))
+
+
+def test_two_threshold_gate_loss_and_gradient(pm):
+    """Band prompt (c = 1 with switch_gate=0, switch_gate_off=1): its demo row gets LUFFY's off-policy
+    term −A·p/(p + 0.1) with A = r_demo = 1; a c = 2 prompt keeps Dr.GRPO; an all-wrong prompt does SFT."""
+    cfg = HPTConfig(gate_max_correct=0, gate_off_max_correct=1)
+    groups = [group([0, 0, 0, 0], [2, 2, 2, 2], 2, "w"), group([1, 0, 0, 0], [2, 2, 2, 2], 4, "b"),
+              group([1, 0, 0, 1], [3, 1, 2, 2], 3, "m")]
+    groups, routes = route_all(pm, cfg, groups)
+    assert [r.kind for r in routes] == ["sft", "rl", "rl"]
+    batch = make_batch(pm, cfg, groups, routes)
+    # rows: [SFT demo of "w", off-policy demo of "b", 4 rollouts of "m"]
+    assert batch.off_policy.tolist() == [True, True, False, False, False, False]
+    assert batch.rl_weight.tolist() == [0, 1, 1, 1, 1, 1] and batch.sft_weight.tolist() == [1, 0, 0, 0, 0, 0]
+    assert batch.advantages.tolist() == [0.0, 1.0, 0.5, -0.5, -0.5, 0.5]  # the band demo: A = r (singleton group)
+    lp = fill(batch, [[-0.5, -0.5], [math.log(p) for p in DEMO_P]] + [-1.0] * 4)
+    ent = fill(batch, [1.0, 1.0] + [2.0] * 4)
+    total, parts, g_lp, _ = run_split(pm, cfg, batch, [list(range(6))], lp, ent)
+    pg = -(F_SUM + 1.0) / L_MAX  # demo −1·Σ p/(p+0.1) = −2.333333; rollouts −Σ A|y| = −1
+    assert parts["pg"] == pytest.approx(pg) and pg == pytest.approx(-0.2083333, abs=1e-7)
+    assert parts["sft"] == pytest.approx(0.5)  # (0.5 + 0.5) / 2 demo tokens
+    assert parts["entropy"] == pytest.approx(-0.001 * (6 * 1.0 + 8 * 2.0) / 14)
+    expected = fill(batch, [[-0.5, -0.5], [-d / L_MAX for d in DF], -0.5 / 16, 0.5 / 16, 0.5 / 16, -0.5 / 16])
+    assert torch.allclose(g_lp, expected, atol=1e-6)
+    # without the band (switch_gate_off = switch_gate, the official scripts) the c = 1 prompt is RL on rollouts
+    plain = HPTConfig(gate_max_correct=0, gate_off_max_correct=0)
+    _, routes = route_all(pm, plain, [group([1, 0, 0, 0], [2, 2, 2, 2], 4, "b")])
+    assert routes == [Route(rl=1.0, sft=0.0, members=(0, 1, 2, 3))]
+
+
+def test_soft_strategy_keeps_rollouts_and_adds_the_demonstration(pm):
+    """unify_strategy=soft (offline_loss_type=sft): every prompt keeps its rollouts and adds its demo, which has the
+    prompt's uid: its reward enters the GRPO baseline, but the sft branch trains PG on on-policy rows only."""
+    cfg = HPTConfig(gate="soft")
+    groups = [group([0, 0, 0, 0], [2, 2, 2, 2], 4, "w"), group([1, 0, 0, 1], [3, 1, 2, 2], 2, "m")]
+    groups, routes = route_all(pm, cfg, groups)
+    assert routes == [Route(rl=1.0, sft=1.0, demos=(0,))] * 2 and all(g.members[4].off_policy for g in groups)
+    batch = make_batch(pm, cfg, groups, routes)
+    assert batch.rl_weight.tolist() == [1] * 10 and batch.sft_weight.tolist() == [0, 0, 0, 0, 1] * 2
+    # Â = r − mean over 4 rollouts + demo (r = 1): "w" mean 0.2, "m" mean 0.6
+    assert batch.advantages.tolist() == pytest.approx([-0.2] * 4 + [0.8] + [0.4, -0.6, -0.6, 0.4] + [0.4])
+    lp = fill(batch, [-1.0] * 4 + [[-1.0, -2.0, -3.0, -2.0]] + [-1.0] * 4 + [[-0.5, -0.5]])
+    ent = fill(batch, [2.0] * 4 + [1.0] + [2.0] * 4 + [1.0])
+    total, parts, g_lp, _ = run_split(pm, cfg, batch, [list(range(10))], lp, ent)
+    # PG over rollouts only: "w" −(−0.2·8)/16, "m" −(0.4·3 − 0.6·1 − 0.6·2 + 0.4·2)/16 → 1.4/16
+    assert parts["pg"] == pytest.approx(1.4 / 16)
+    assert parts["sft"] == pytest.approx(9 / 6)  # NLL (8 + 1) over the 6 demo tokens
+    assert total == pytest.approx(1.4 / 16 + 1.5 - 0.001 * (6 * 1.0 + 16 * 2.0) / 22)
+    expected = fill(batch, [0.2 / 16] * 4 + [-1 / 6] + [-0.4 / 16, 0.6 / 16, 0.6 / 16, -0.4 / 16] + [-1 / 6])
+    assert torch.allclose(g_lp, expected, atol=1e-7)  # demo tokens: SFT only, no PG
+
+
+@pytest.mark.parametrize("section, expected", [
+    ({"gate_max_correct": 2, "gate_off_max_correct": 1}, "gate_off_max_correct (1) must be >= gate_max_correct (2)"),
+    ({"gate": "linear", "gate_off_max_correct": 2}, "gate_off_max_correct works with gate: switch"),
+    ({"variant": "off_on", "gate_off_max_correct": 2}, "gate_off_max_correct works with gate: switch and variant: sft_on"),
+    ({"gate": "soft", "variant": "mix_on"}, "gate: soft works with variant: sft_on only"),
+    ({"gate": "hard"}, "gate 'hard' is not one of switch | linear | soft"),
+])
+def test_official_gate_errors_name_the_field(section, expected):
+    _, problems = validate_algorithm({"name": "hpt", **section}, HPTConfig)
+    assert any(expected in p for p in problems), problems
+    help_text = HPTConfig.__dataclass_fields__["gate_off_max_correct"].metadata["help"]
+    assert "switch_gate_off" in help_text and "unify_strategy=soft" in HPTConfig.__dataclass_fields__["gate"].metadata["help"]

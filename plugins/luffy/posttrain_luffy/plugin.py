@@ -14,6 +14,12 @@
   sum is the term the inner implementation built) and logs π_θ on demonstration tokens; the
   plain implementation runs only with ``aggregation: official`` (per-micro-batch means, as the
   code). By default the core's loss runs, with every normaliser from the mini-batch totals.
+
+The code's other settings (defaults off, as in ``train.sh``): ``off_policy_shaping`` logp /
+p_logp, ``on_policy_shaping`` (g(ρ) on rollout tokens), ``off_max_clip``/``off_min_clip`` and
+``target_probs`` (``shape_ratio``), ``all_max_clip`` (``stabilization_mask``), ``demo_loss: sft``,
+the "RL w/ SFT loss" baseline (``compose_group`` keeps the demonstration out of the advantage
+group, ``route_group`` gives it SFT), and ``entropy_target`` (``build_loss``, official mode).
 """
 
 from __future__ import annotations
@@ -24,10 +30,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from posttrain import GRPOConfig, LossTerm, help_field, hookimpl
+from posttrain import GRPOConfig, LossTerm, Route, help_field, hookimpl
 from posttrain import functional as F
 
 AGGREGATIONS = ("invariant", "official")
+DEMO_LOSSES = ("off_policy_rl", "sft")
+# f on demonstration tokens: the core's kinds on p, plus the code's log-prob forms.
+OFF_SHAPINGS = (*F.SHAPING_KINDS, "logp", "p_logp")
+ON_SHAPINGS = ("none", "logp", "p_logp", "sqrt", "pow", "p_div_p")
+TARGET_PROB_EPS = 1e-6  # the code's p/(target_probs + 1e-6)
 
 
 @dataclass
@@ -39,15 +50,60 @@ class LUFFYConfig(GRPOConfig):
         "Demonstrations appended to each prompt's group of rollout.n rollouts (the first n_off of the prompt's "
         "demonstrations; fewer if it has fewer). Official: 1 with 7 rollouts (n=8, n_prefix=1), so set "
         "rollout.n: 7. 0 turns LUFFY into Dr.GRPO on the rollouts alone (the on-policy baseline).")
+    demo_loss: str = help_field(
+        "off_policy_rl",
+        "How the demonstration is trained: off_policy_rl (LUFFY, use_off_policy_loss=True: a member of the mixed "
+        "group, −Â·f(π_θ)) | sft (the 'RL w/ SFT loss' baseline, exp_scripts/train_rl_sft_loss.sh: "
+        "use_sft_multitask_loss=True with adv_estimator=grpo_split, i.e. the n rollouts alone form the advantage "
+        "group and the first n_off demonstrations get sft_coef × token-mean NLL). Official LUFFY: off_policy_rl.")
     # --- policy shaping on demonstration tokens --------------------------------------------------------
     off_policy_shaping: str = help_field(
         "p_div_p",
-        "f applied to p = π_θ on demonstration tokens (π_ref ≡ 1): p_div_p (f = p/(p + shaping_gamma), the "
-        "official script's off_policy_reshape=p_div_p_0.1) | none (f = p, no shaping) | sqrt (√p) | pow "
-        "(p^shaping_power). Official: p_div_p.")
+        "f applied to p = π_θ on demonstration tokens (π_ref ≡ 1), the code's off_policy_reshape: p_div_p "
+        "(f = p/(p + shaping_gamma), the official script's p_div_p_0.1) | none (no_reshape, f = p) | sqrt "
+        "(square_root, √p) | pow (p^shaping_power) | logp (f = shaping_weight·log p) | p_logp "
+        "(f = p + shaping_weight·log p). Official: p_div_p. logp/p_logp read log p through the core's ratio, "
+        "whose log is clamped at −20 (no gradient for p < 2e-9).")
     shaping_gamma: float = help_field(
         0.1, "γ of p_div_p; the weight on ∇log p, γp/(p+γ)², peaks at p = γ. Official: 0.1 (code also has 0.3, 0.5).")
-    shaping_power: float = help_field(0.5, "k of the pow shaping f = p^k. Official code: 0.5.")
+    shaping_power: float = help_field(0.5, "k of the pow shaping f = p^k (off_policy_reshape_pow_exp). Official code: 0.5.")
+    shaping_weight: float = help_field(
+        0.1, "w of the logp / p_logp shapings (off_policy_reshape_weight). Official yaml default: 0.1.")
+    target_probs: bool = help_field(
+        False,
+        "The code's target_probs mode (use_off_policy_probs=True): f = π_θ/(π_teacher + 1e-6) on demonstration "
+        "tokens, π_teacher read from each demonstration's Trajectory.sampling_logprobs (the teacher's log-probs, "
+        "which the data must provide); off_policy_shaping is not applied. Official scripts: False.")
+    off_max_clip: Optional[float] = help_field(
+        None, "Clamp f ≤ this on demonstration tokens, after shaping (off_policy_max_clip; −1 = None = off). "
+              "A clamped token has no gradient. Official scripts: off.")
+    off_min_clip: Optional[float] = help_field(
+        None, "Clamp f ≥ this on demonstration tokens, after shaping (off_policy_min_clip; −1 = None = off). "
+              "Official scripts: off.")
+    all_max_clip: Optional[float] = help_field(
+        None,
+        "Drop every token (rollouts and demonstrations) whose π_θ > this from the policy gradient (all_max_clip; "
+        "−1 = None = off); the entropy bonus keeps it. With token-sum-norm the numbers are the code's; with "
+        "token-mean the code also removes the token from the count, here it stays in it (as PPO's mask). "
+        "Official scripts: off.")
+    # --- shaping of on-policy tokens -----------------------------------------------------------------------
+    on_policy_shaping: str = help_field(
+        "none",
+        "g applied to ρ = π_θ/π_old on rollout tokens, the code's on_policy_reshape: none (no_reshape, ρ) | logp "
+        "(log ρ) | p_logp (ρ + on_shaping_weight·log ρ) | sqrt (square_root, √ρ) | pow (ρ^on_shaping_power) | "
+        "p_div_p (f(π_θ)/f(π_old), f(p) = p/(p + on_shaping_gamma); p_div_p_0.1 / p_div_p_0.5). A PPO clip "
+        "(clip_low) acts on g, as in the code. Official scripts: none (issue #25: tried, no gain).")
+    on_shaping_weight: float = help_field(0.1, "w of the on-policy p_logp shaping (on_policy_reshape_weight). Official yaml: 0.1.")
+    on_shaping_gamma: float = help_field(0.1, "γ of the on-policy p_div_p shaping (p_div_p_0.1 or p_div_p_0.5).")
+    on_shaping_power: float = help_field(0.5, "k of the on-policy pow shaping (on_policy_reshape_pow_exp). Official yaml: 0.5.")
+    # --- adaptive entropy coefficient ----------------------------------------------------------------------
+    entropy_target: Optional[float] = help_field(
+        None,
+        "The code's adaptive entropy coefficient, fixed strategy (use_adaptive_temperature=True, "
+        "use_adaptive_temperature_fixed=True, adaptive_temperature_target_entropy): per micro-batch "
+        "coef = entropy_coef·entropy_target/sg(H̄), H̄ its token-mean entropy, so the bonus is "
+        "−entropy_coef·entropy_target·H̄/sg(H̄). Needs aggregation: official (a per-micro-batch rule). The learned "
+        "log-α strategy (its own AdamW, alpha_lr) is not provided. Official scripts: off (None).")
     # --- how the loss terms are normalised -------------------------------------------------------------
     aggregation: str = help_field(
         "invariant",
@@ -74,10 +130,26 @@ class LUFFYConfig(GRPOConfig):
 
     def __post_init__(self) -> None:
         problems = []
-        if self.off_policy_shaping not in F.SHAPING_KINDS:
-            problems.append(f"off_policy_shaping '{self.off_policy_shaping}' is not one of {' | '.join(F.SHAPING_KINDS)}")
-        if self.aggregation not in AGGREGATIONS:
-            problems.append(f"aggregation '{self.aggregation}' is not one of {' | '.join(AGGREGATIONS)}")
+        for key, allowed in (("off_policy_shaping", OFF_SHAPINGS), ("on_policy_shaping", ON_SHAPINGS),
+                             ("aggregation", AGGREGATIONS), ("demo_loss", DEMO_LOSSES)):
+            if getattr(self, key) not in allowed:
+                problems.append(f"{key} '{getattr(self, key)}' is not one of {' | '.join(allowed)}")
+        if self.on_shaping_gamma <= 0 or self.on_shaping_power <= 0:
+            problems.append(f"on_shaping_gamma and on_shaping_power must be > 0, got {self.on_shaping_gamma}, "
+                            f"{self.on_shaping_power}")
+        if (self.off_max_clip is not None and self.off_min_clip is not None and self.off_min_clip > self.off_max_clip):
+            problems.append(f"off_min_clip ({self.off_min_clip}) must be <= off_max_clip ({self.off_max_clip})")
+        if self.all_max_clip is not None and self.all_max_clip <= 0:
+            problems.append(f"all_max_clip must be > 0 (a probability threshold), got {self.all_max_clip}")
+        if self.entropy_target is not None:
+            if self.aggregation != "official":
+                problems.append("entropy_target (adaptive entropy coefficient) needs aggregation: official: the code "
+                                "rescales each micro-batch's entropy mean")
+            if self.entropy_target <= 0 or self.entropy_coef <= 0:
+                problems.append("entropy_target and entropy_coef must be > 0 for the adaptive entropy coefficient")
+        if self.demo_loss == "sft" and (self.target_probs or self.off_max_clip is not None or self.off_min_clip is not None):
+            problems.append("demo_loss: sft trains the demonstration with SFT: target_probs and off_max_clip/off_min_clip "
+                            "(off-policy RL settings) do not apply")
         if self.n_off < 0:
             problems.append(f"n_off must be >= 0 (demonstrations per group), got {self.n_off}")
         if self.shaping_gamma <= 0 or self.shaping_power <= 0:
@@ -105,7 +177,23 @@ def compose_group(group, config, metrics):
         if metrics is not None:
             metrics.log("luffy/no_demo", 1.0, reduce="sum")
         return None
-    return replace(group, members=[*group.members, *group.demonstrations[: config.n_off]])
+    if config.demo_loss == "sft":
+        return None  # RL w/ SFT loss: the demonstrations stay out of the advantage group (grpo_split)
+    demos = group.demonstrations[: config.n_off]
+    if config.target_probs and any(d.sampling_logprobs is None for d in demos):
+        raise ValueError(f"luffy: target_probs: true needs the teacher's log-probs of every demonstration token "
+                         f"(Trajectory.sampling_logprobs); prompt {group.example.uid} has a demonstration without them. "
+                         "Set algorithm.target_probs: false or provide them")
+    return replace(group, members=[*group.members, *demos])
+
+
+@hookimpl
+def route_group(group, config):
+    """RL w/ SFT loss (``demo_loss: sft``): RL on the rollouts, SFT on the first ``n_off`` demonstrations."""
+    if config.demo_loss != "sft" or not group.on_policy:
+        return None  # LUFFY: the core's default (RL on every member, demonstrations included)
+    k = min(config.n_off, len(group.demonstrations))
+    return Route(rl=1.0, sft=1.0, demos=tuple(range(k)), members=tuple(range(len(group.members))))
 
 
 # --- per batch ---------------------------------------------------------------------------------------
@@ -129,14 +217,72 @@ def reference_denominator(batch, logprobs):
     return torch.where(batch.off_policy_tokens, torch.zeros_like(old), old)
 
 
+def shape_off_policy(p: Tensor, teacher_logprobs: Optional[Tensor], config: LUFFYConfig) -> Tensor:
+    """f(p) [N, L] for p = π_θ on demonstration tokens (the code's off_policy_reshape, then the clamps).
+
+    none p | p_div_p p/(p+γ) | sqrt √p | pow p^k | logp w·log p | p_logp p + w·log p;
+    target_probs: p/(π_teacher + 1e-6) instead; then f clamped to [off_min_clip, off_max_clip].
+    """
+    if config.target_probs:
+        f = p / (teacher_logprobs.exp() + TARGET_PROB_EPS)
+    elif config.off_policy_shaping == "logp":
+        f = config.shaping_weight * torch.log(p)
+    elif config.off_policy_shaping == "p_logp":
+        f = p + config.shaping_weight * torch.log(p)
+    else:
+        f = F.policy_shaping(p, kind=config.off_policy_shaping, gamma=config.shaping_gamma, power=config.shaping_power)
+    if config.off_max_clip is not None or config.off_min_clip is not None:
+        f = torch.clamp(f, min=config.off_min_clip, max=config.off_max_clip)
+    return f
+
+
+def shape_on_policy(ratio: Tensor, old_logprobs: Tensor, config: LUFFYConfig) -> Tensor:
+    """g(ρ) [N, L] for ρ = π_θ/π_old on rollout tokens (the code's on_policy_reshape).
+
+    none ρ | logp log ρ | p_logp ρ + w·log ρ | sqrt √ρ | pow ρ^k |
+    p_div_p f(π_θ)/f(π_old) = ρ·(π_old + γ)/(π_θ + γ), f(p) = p/(p + γ).
+    """
+    kind = config.on_policy_shaping
+    if kind == "logp":
+        return torch.log(ratio)
+    if kind == "p_logp":
+        return ratio + config.on_shaping_weight * torch.log(ratio)
+    if kind == "sqrt":
+        return torch.sqrt(ratio)
+    if kind == "pow":
+        return ratio ** config.on_shaping_power
+    if kind == "p_div_p":
+        p_old = old_logprobs.exp()
+        return ratio * (p_old + config.on_shaping_gamma) / (ratio * p_old + config.on_shaping_gamma)
+    return ratio
+
+
 @hookimpl
 def shape_ratio(batch, ratio, config):
-    """f(π_θ) on demonstration tokens (p/(p+γ) by default); rollout tokens keep ρ."""
-    if config.off_policy_shaping == "none":
-        return None  # f = p: the ratio already is π_θ on demonstration tokens
-    shaped = F.policy_shaping(ratio, kind=config.off_policy_shaping, gamma=config.shaping_gamma,
-                              power=config.shaping_power)
-    return torch.where(batch.off_policy_tokens, shaped, ratio)
+    """f(π_θ) on demonstration tokens (p/(p+γ) by default), g(ρ) on rollout tokens (ρ by default)."""
+    off_default = config.off_policy_shaping == "none" and not config.target_probs and config.off_max_clip is None \
+        and config.off_min_clip is None
+    if off_default and config.on_policy_shaping == "none":
+        return None  # f = p: the ratio already is π_θ on demonstration tokens, ρ elsewhere
+    teacher = batch.sampling_logprobs if config.target_probs else None
+    if config.target_probs and teacher is None:
+        raise RuntimeError("luffy (target_probs: true): the batch has no sampling_logprobs to read the teacher's "
+                           "log-probs of the demonstration tokens from")
+    off = ratio if off_default else shape_off_policy(ratio, teacher, config)
+    if config.on_policy_shaping != "none":
+        old = batch.old_logprobs if batch.old_logprobs is not None else torch.zeros_like(ratio)
+        on = shape_on_policy(ratio, old, config)
+    else:
+        on = ratio
+    return torch.where(batch.off_policy_tokens, off, on)
+
+
+@hookimpl
+def stabilization_mask(batch, logprobs, config):
+    """all_max_clip: keep only tokens with π_θ <= all_max_clip (every row, as the code's p_on_mask)."""
+    if config.all_max_clip is None:
+        return None
+    return logprobs.detach().exp() <= config.all_max_clip
 
 
 def pg_normalisers(batch, config: LUFFYConfig) -> dict[str, float]:
@@ -160,8 +306,10 @@ def build_loss(batch, outputs, advantages, ratio, mask, config):
     """``aggregation: official`` only: the code's per-micro-batch loss.
 
     PG: −Σ f(ρ)·Â over this micro-batch's tokens / L_max (token-sum-norm: the same number as the
-    invariant mode's); entropy (and KL): token-means over this micro-batch's response tokens,
-    summed over micro-batches as the code's gradient accumulation does.
+    invariant mode's); SFT (``demo_loss: sft``): sft_coef × token-mean NLL over this micro-batch's
+    demonstration tokens; entropy (and KL): token-means over this micro-batch's response tokens,
+    summed over micro-batches as the code's gradient accumulation does. With ``entropy_target``
+    the entropy coefficient is entropy_coef·target/sg(H̄) (the code's fixed adaptive strategy).
     """
     if config.aggregation != "official":
         return None  # the core's default: normalisers from the mini-batch totals
@@ -170,8 +318,16 @@ def build_loss(batch, outputs, advantages, ratio, mask, config):
     terms = []
     if rl_rows.any():
         terms.append(LossTerm("pg", policy_gradient(batch, advantages, ratio, mask, config, rl_rows)))
+    sft_tokens = tokens & (batch.sft_weight > 0)[:, None]  # demo_loss: sft (the code's compute_sft_pure_loss)
+    if sft_tokens.any():
+        nll = F.sft_nll(outputs.logprobs, sft_tokens, num_tokens=float(sft_tokens.sum()), weights=batch.sft_weight)
+        terms.append(LossTerm("sft", config.sft_coef * nll))
     if config.entropy_coef > 0 and outputs.entropy is not None:
-        terms.append(LossTerm("entropy", -config.entropy_coef * F.masked_mean(outputs.entropy, tokens)))
+        h = F.masked_mean(outputs.entropy, tokens)
+        coef = config.entropy_coef
+        if config.entropy_target is not None:  # the code's fixed adaptive strategy: coef·target/sg(H̄)
+            coef = coef * config.entropy_target / h.detach()
+        terms.append(LossTerm("entropy", -coef * h))
     if config.kl_coef > 0 and batch.ref_logprobs is not None and rl_rows.any():
         kl = F.kl_estimate(outputs.logprobs, batch.ref_logprobs, config.kl_estimator)
         terms.append(LossTerm("kl", config.kl_coef * F.masked_mean(kl, tokens & rl_rows[:, None])))

@@ -348,3 +348,143 @@ def test_two_step_run_on_the_tiny_model(tmp_path):
         assert r["loss/pg_off"] < 0 and 0.0 < r["luffy/p_off"] < 1.0
         assert r["loss/total"] == pytest.approx(r["loss/pg_on"] + r["loss/pg_off"] + r["loss/entropy"], abs=1e-6)
         assert all(math.isfinite(r[k]) for k in ("loss/pg_on", "train/grad_norm"))
+
+
+# --- the code's other settings (mix_core_alg.compute_token_on_off_policy_loss) ------------------------
+# One group: rollouts r = [1, 0] (2 tokens each, π_θ = 0.5, π_old = 0.25, so ρ = 2) and the demo
+# (r = 1, 2 tokens, π_θ = [0.1, 0.5]). A = r − mean(1, 0, 1): rollouts [1/3, −2/3], demo 1/3.
+# pg = −Σ_rows A·Σ_t shaped / 16;  ∂pg/∂log p = −A·(∂shaped/∂log p)/16 per token.
+
+A_ROWS = [1 / 3, -2 / 3, 1 / 3]
+P_DEMO = [0.1, 0.5]
+
+
+def shaping_batch(pm, cfg, teacher=None):
+    g = group([1, 0], [2, 2], 2, "s")
+    if teacher is not None:
+        g.demonstrations[0].sampling_logprobs = [math.log(p) for p in teacher]
+    _, _, batch = compose_and_batch(pm, cfg, [g])
+    assert batch.advantages.tolist() == pytest.approx(A_ROWS)
+    batch.old_logprobs = fill(batch, [math.log(0.25)] * 2 + [0.0])
+    lp = fill(batch, [math.log(0.5)] * 2 + [[math.log(p) for p in P_DEMO]])
+    return batch, lp
+
+
+def pdp(p, gamma=0.1):  # p/(p+γ) and its derivative wrt log p
+    return p / (p + gamma), gamma * p / (p + gamma) ** 2
+
+
+# (config, rollout (g, ∂g/∂log p) per token, demo [(f, ∂f/∂log p)] per token, kept tokens [r0, r1, demo])
+SHAPING_CASES = {
+    "default": ({}, (2.0, 2.0), [pdp(0.1), pdp(0.5)]),
+    "off logp": ({"off_policy_shaping": "logp"}, (2.0, 2.0), [(0.1 * math.log(p), 0.1) for p in P_DEMO]),
+    "off p_logp": ({"off_policy_shaping": "p_logp"}, (2.0, 2.0), [(p + 0.1 * math.log(p), p + 0.1) for p in P_DEMO]),
+    # p/(p+0.1) = [0.5, 0.8333]: the max clip 0.6 freezes the second token, the min clip 0.6 the first
+    "off_max_clip": ({"off_max_clip": 0.6}, (2.0, 2.0), [pdp(0.1), (0.6, 0.0)]),
+    "off_min_clip": ({"off_min_clip": 0.6}, (2.0, 2.0), [(0.6, 0.0), pdp(0.5)]),
+    # teacher π = [0.2, 0.5]: f = p/(π_teacher + 1e-6), ∂f/∂log p = f
+    "target_probs": ({"target_probs": True}, (2.0, 2.0), [(p / (t + 1e-6),) * 2 for p, t in zip(P_DEMO, [0.2, 0.5])]),
+    "on logp": ({"on_policy_shaping": "logp"}, (math.log(2.0), 1.0), [pdp(0.1), pdp(0.5)]),
+    "on p_logp": ({"on_policy_shaping": "p_logp"}, (2.0 + 0.1 * math.log(2.0), 2.1), [pdp(0.1), pdp(0.5)]),
+    "on sqrt": ({"on_policy_shaping": "sqrt"}, (math.sqrt(2.0), 0.5 * math.sqrt(2.0)), [pdp(0.1), pdp(0.5)]),
+    "on pow 2": ({"on_policy_shaping": "pow", "on_shaping_power": 2.0}, (4.0, 8.0), [pdp(0.1), pdp(0.5)]),
+    # f(π_θ)/f(π_old) = (0.5/0.6)/(0.25/0.35) = 1.1666667; ∂/∂log p = (0.05/0.36)/(0.25/0.35) = 0.1944444
+    "on p_div_p": ({"on_policy_shaping": "p_div_p"}, (pdp(0.5)[0] / pdp(0.25)[0], pdp(0.5)[1] / pdp(0.25)[0]),
+                   [pdp(0.1), pdp(0.5)]),
+}
+
+
+@pytest.mark.parametrize("case", list(SHAPING_CASES))
+def test_official_shaping_and_clip_options_loss_and_gradient(pm, case):
+    section, (g_on, dg_on), demo = SHAPING_CASES[case]
+    cfg = LUFFYConfig(**section)
+    batch, lp = shaping_batch(pm, cfg, teacher=[0.2, 0.5] if cfg.target_probs else None)
+    total, parts, g_lp, _ = run_split(pm, cfg, batch, [[0, 1, 2]], lp, torch.zeros_like(lp))
+    a_on, a_off = A_ROWS[0] + A_ROWS[1], A_ROWS[2]  # both rollouts have 2 tokens with the same g
+    pg_on = -a_on * 2 * g_on / L_MAX
+    pg_off = -a_off * sum(f for f, _ in demo) / L_MAX
+    assert parts["pg_on"] == pytest.approx(pg_on, abs=1e-6) and parts["pg_off"] == pytest.approx(pg_off, abs=1e-6)
+    expected = fill(batch, [-A_ROWS[0] * dg_on / L_MAX, -A_ROWS[1] * dg_on / L_MAX, [-a_off * d / L_MAX for _, d in demo]])
+    assert torch.allclose(g_lp, expected, atol=1e-7), (g_lp, expected)
+    if case == "on p_div_p":
+        assert g_on == pytest.approx(1.1666667) and dg_on == pytest.approx(0.1944444)
+
+
+def test_all_max_clip_drops_confident_tokens_from_the_gradient(pm):
+    """all_max_clip 0.4: every token with π_θ > 0.4 (the rollouts' 0.5s, the demo's 0.5) leaves the PG term;
+    the demo's 0.1 token stays: pg = −(1/3)·0.5/16. The entropy bonus still sees every token."""
+    cfg = LUFFYConfig(all_max_clip=0.4)
+    batch, lp = shaping_batch(pm, cfg)
+    ent = fill(batch, [1.0, 1.0, 1.0])
+    total, parts, g_lp, g_ent = run_split(pm, cfg, batch, [[0, 1, 2]], lp, ent)
+    assert parts["pg_on"] == 0.0 and parts["pg_off"] == pytest.approx(-(1 / 3) * 0.5 / 16)
+    assert torch.allclose(g_lp, fill(batch, [0.0, 0.0, [-(1 / 3) * 0.25 / 16, 0.0]]), atol=1e-8)
+    assert torch.allclose(g_ent, fill(batch, [-0.001 / 6] * 3), atol=1e-10)
+
+
+def test_target_probs_needs_teacher_logprobs(pm):
+    cfg = LUFFYConfig(target_probs=True)
+    with pytest.raises(ValueError, match="target_probs: true needs the teacher's log-probs"):
+        pm.hook.compose_group(group=group([1, 0], [2, 2], 2, "s"), config=cfg, step=0, metrics=Metrics())
+
+
+def test_rl_with_sft_loss_baseline(pm):
+    """train_rl_sft_loss.sh: grpo_split advantages from the 3 rollouts only (mean 1/3: A = [2/3, −1/3, −1/3],
+    where LUFFY's mixed group would give r − 1/2), PG on the rollouts, SFT NLL on the demonstration."""
+    cfg = LUFFYConfig(demo_loss="sft")
+    groups, routes, batch = compose_and_batch(pm, cfg, [group([1, 0, 0], [3, 1, 2], 4, "b")])
+    assert len(groups[0].members) == 3  # the demonstration is not a member of the advantage group
+    assert routes == [Route(rl=1.0, sft=1.0, demos=(0,), members=(0, 1, 2))]
+    assert batch.rl_weight.tolist() == [1, 1, 1, 0] and batch.sft_weight.tolist() == [0, 0, 0, 1]
+    assert batch.advantages[:3].tolist() == pytest.approx([2 / 3, -1 / 3, -1 / 3])
+    lp = fill(batch, [-1.0] * 3 + [[-1.0, -2.0, -3.0, -2.0]])
+    ent = fill(batch, [2.0] * 3 + [1.0])
+    for agg in ("invariant", "official"):  # one micro-batch: both modes give the same numbers
+        total, parts, g_lp, _ = run_split(pm, LUFFYConfig(demo_loss="sft", aggregation=agg), batch, [[0, 1, 2, 3]], lp, ent)
+        assert parts["pg_on"] == pytest.approx(-(2 / 3 * 3 - 1 / 3 * 1 - 1 / 3 * 2) / 16)  # −1/16
+        assert parts["sft"] == pytest.approx(8 / 4) and parts["pg_off"] == 0.0
+        assert total == pytest.approx(-1 / 16 + 2 - 0.001 * (6 * 2.0 + 4 * 1.0) / 10)
+        assert torch.allclose(g_lp, fill(batch, [-2 / 3 / 16, 1 / 3 / 16, 1 / 3 / 16, -1 / 4]), atol=1e-7)
+    # official, split [[rollouts], [demo]]: the demo's NLL is its micro-batch's mean (2.0), the entropy
+    # means per micro-batch: −0.001·(2 + 1)
+    _, parts, _, _ = run_split(pm, LUFFYConfig(demo_loss="sft", aggregation="official"), batch, [[0, 1, 2], [3]], lp, ent)
+    assert parts["sft"] == pytest.approx(2.0) and parts["entropy"] == pytest.approx(-0.003)
+
+
+def test_adaptive_entropy_coefficient_fixed_strategy(pm):
+    """entropy_target 0.5, coef 0.001: each micro-batch's bonus is −0.001·0.5·H̄/sg(H̄) = −0.0005 in value,
+    and its gradient on a token is −0.0005/(H̄·n) (n tokens of the micro-batch)."""
+    cfg = LUFFYConfig(aggregation="official", entropy_target=0.5)
+    batch, lp = shaping_batch(pm, cfg)
+    ent = fill(batch, [2.0, 2.0, 0.5])
+    _, parts, _, g_ent = run_split(pm, cfg, batch, [[0, 1], [2]], lp, ent)
+    assert parts["entropy"] == pytest.approx(-0.0005 * 2)
+    # micro 1: H̄ = 2, 4 tokens → −0.0005/8; micro 2: H̄ = 0.5, 2 tokens → −0.0005
+    assert torch.allclose(g_ent, fill(batch, [-0.0005 / 8, -0.0005 / 8, -0.0005]), atol=1e-10)
+    # the fixed coefficient (no target): −0.001·H̄ per micro-batch
+    _, plain, _, _ = run_split(pm, LUFFYConfig(aggregation="official"), batch, [[0, 1], [2]], lp, ent)
+    assert plain["entropy"] == pytest.approx(-0.001 * (2.0 + 0.5))
+
+
+@pytest.mark.parametrize("section, expected", [
+    ({"on_policy_shaping": "p_div_p_0.1"}, "on_policy_shaping 'p_div_p_0.1' is not one of none | logp | p_logp"),
+    ({"off_policy_shaping": "square_root"}, "off_policy_shaping 'square_root' is not one of none | p_div_p | sqrt | pow | logp | p_logp"),
+    ({"demo_loss": "sft_multitask"}, "demo_loss 'sft_multitask' is not one of off_policy_rl | sft"),
+    ({"entropy_target": 0.5}, "entropy_target (adaptive entropy coefficient) needs aggregation: official"),
+    ({"off_min_clip": 0.9, "off_max_clip": 0.5}, "off_min_clip (0.9) must be <= off_max_clip (0.5)"),
+    ({"all_max_clip": 0.0}, "all_max_clip must be > 0"),
+    ({"demo_loss": "sft", "target_probs": True}, "demo_loss: sft trains the demonstration with SFT"),
+])
+def test_official_option_errors_name_the_field(section, expected):
+    _, problems = validate_algorithm({"name": "luffy", **section}, LUFFYConfig)
+    assert any(expected in p for p in problems), problems
+
+
+def test_official_names_are_in_the_help():
+    help_of = {k: f.metadata["help"] for k, f in LUFFYConfig.__dataclass_fields__.items()}
+    for key, official in [("demo_loss", "use_sft_multitask_loss"), ("off_policy_shaping", "off_policy_reshape"),
+                          ("on_policy_shaping", "on_policy_reshape"), ("off_max_clip", "off_policy_max_clip"),
+                          ("off_min_clip", "off_policy_min_clip"), ("all_max_clip", "all_max_clip"),
+                          ("target_probs", "use_off_policy_probs"), ("entropy_target", "use_adaptive_temperature"),
+                          ("shaping_weight", "off_policy_reshape_weight"), ("on_shaping_weight", "on_policy_reshape_weight")]:
+        assert official in help_of[key], key

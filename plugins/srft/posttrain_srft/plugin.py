@@ -33,8 +33,12 @@ from torch import Tensor
 
 from posttrain import GRPOConfig, LossTerm, Needs, Route, help_field, hookimpl
 from posttrain import functional as F
+from posttrain.batching import totals_of
 
 ENTROPY_LEVELS = ("sequence", "policy", "batch")
+AGGREGATIONS = ("invariant", "official")
+# g(·) of the self-rollout term −c_i·g on rollout tokens (the reference code's srft_type).
+SRFT_TYPES = ("paper", "exp", "classic_rl", "minus_old")
 # What each profile fills in for the fields left at None.
 PROFILES = {
     # The HPT repository's re-implementation (exp_scripts/train_srft.sh + mix_actor.py, srft branch).
@@ -83,6 +87,18 @@ class SRFTConfig(GRPOConfig):
         "(p/(p + shaping_gamma), LUFFY's shaping; the reference script's off_policy_reshape=p_div_p_0.1) | sqrt "
         "| pow (p^0.5). None: profile (reference: p_div_p, paper: none).")
     shaping_gamma: float = help_field(0.1, "γ of the p_div_p shaping. Reference script: 0.1; unused by the paper profile.")
+    srft_type: str = help_field(
+        "paper",
+        "g of the self-rollout term ℓ = −c_i·g on rollout tokens (c_i = w_RL for y+, −1 for y−); the reference code's "
+        "srft_type: paper (g = log π_θ, Eq. 12; the code's default) | exp (g = π_θ) | classic_rl (g = ρ = π_θ/π_old) "
+        "| minus_old (g = log π_θ − log π_old). Default: paper.")
+    aggregation: str = help_field(
+        "invariant",
+        "invariant: every normaliser from the mini-batch totals, so splitting a mini-batch into micro-batches "
+        "changes nothing | official: the reference code's numbers (mix_actor.update_policy): the SFT NLL and "
+        "entropy token-means (and the RL normalisers of token-mean modes) are those of each micro-batch, "
+        "back-propagated and summed over micro-batches (their weight grows with the number of micro-batches). "
+        "With token-sum-norm the RL terms are the same in both. Default: invariant.")
     correct_threshold: float = help_field(
         0.5, "A rollout is a positive sample y+ (gets −w_RL·log π) when its reward is above this, else a negative "
              "sample y− (gets +log π). Binary 0/1 rewards (paper App. B): any value in (0, 1).")
@@ -113,6 +129,9 @@ class SRFTConfig(GRPOConfig):
             if getattr(self, key) is None:
                 setattr(self, key, value)
         problems = []
+        for key, allowed in (("srft_type", SRFT_TYPES), ("aggregation", AGGREGATIONS)):
+            if getattr(self, key) not in allowed:
+                problems.append(f"{key} '{getattr(self, key)}' is not one of {' | '.join(allowed)}")
         if self.entropy_level not in ENTROPY_LEVELS:
             problems.append(f"entropy_level '{self.entropy_level}' is not one of {' | '.join(ENTROPY_LEVELS)}")
         if self.demo_shaping not in F.SHAPING_KINDS:
@@ -250,10 +269,27 @@ def shape_ratio(batch, ratio, config):
     return torch.where(batch.off_policy_tokens, shaped, ratio)
 
 
+def self_rollout_signal(batch, logprobs: Tensor, ratio: Tensor, config: SRFTConfig) -> Tensor:
+    """g [N, L] of the self-rollout term −c_i·g (``srft_type``), with gradient through ``logprobs``.
+
+    paper: log π_θ (Eq. 12) | exp: π_θ | classic_rl: ρ = π_θ/π_old (the ratio the core built) |
+    minus_old: log π_θ − log π_old (the gradient of paper, a value that is 0 at π_θ = π_old).
+    """
+    if config.srft_type == "exp":
+        return logprobs.exp()
+    if config.srft_type == "classic_rl":
+        return ratio
+    if config.srft_type == "minus_old":
+        old = batch.old_logprobs if batch.old_logprobs is not None else logprobs.detach()
+        return logprobs - old
+    return logprobs
+
+
 @hookimpl
 def build_loss(batch, outputs, advantages, ratio, mask, config, metrics):
-    """sft_demo + rl_demo + rl_self (+ entropy), each normalised with the mini-batch totals."""
-    t = batch.totals
+    """sft_demo + rl_demo + rl_self (+ entropy), normalised with the mini-batch totals; with
+    ``aggregation: official`` with this micro-batch's own counts (the reference code's per-micro-batch means)."""
+    t = batch.totals if config.aggregation == "invariant" else totals_of(batch, max_len=batch.totals.max_len)
     tokens = batch.response_mask
     lp = outputs.logprobs
     keep = mask.to(lp.dtype)  # 1_stable: all ones unless clip_low or an extension masks tokens
@@ -286,7 +322,7 @@ def build_loss(batch, outputs, advantages, ratio, mask, config, metrics):
         # Eq. 12: y+ → −w_RL·log π_θ, y− → +log π_θ (per token; no ratio, no advantage)
         correct = batch.rewards > config.correct_threshold
         coef = torch.where(correct, w_rl, torch.full_like(w_rl, -1.0)) * batch.rl_weight
-        self_loss = -coef[:, None] * lp * keep
+        self_loss = -coef[:, None] * self_rollout_signal(batch, lp, ratio, config) * keep
         terms.append(LossTerm("rl_self", rl_agg(self_loss, self_rows)))
     if config.entropy_coef > 0 and outputs.entropy is not None:
         ent = F.aggregate(outputs.entropy, tokens, "token-mean", num_tokens=t.tokens, num_seqs=t.seqs)

@@ -461,3 +461,88 @@ def test_paper_profile_uses_the_policy_entropy(pm, tmp_path):
     got = _loss(pm, batch.with_(stats={srft.POLICY_ENTROPY: expected}), _outputs(), cfg)
     w_sft = 0.5 * math.exp(-expected)
     assert float(got["sft_demo"].detach()) == pytest.approx(w_sft * LN2, abs=1e-6)
+
+
+# --- the reference code's other settings: srft_type and the per-micro-batch aggregation --------------
+
+
+def _loss_with_old(pm, cfg, old):
+    """Reference-profile terms and log-prob gradient with π_old ≠ π_θ (old log-prob ``old`` on every token)."""
+    batch = _step(pm, cfg)
+    out = _outputs()
+    batch = batch.with_(old_logprobs=torch.full((3, 4), old))
+    adv = batch.advantages[:, None].expand_as(out.logprobs)
+    denom = pm.hook.reference_denominator(batch=batch, logprobs=out.logprobs, config=cfg, step=0)
+    ratio = pm.hook.shape_ratio(batch=batch, ratio=F.importance_ratio(out.logprobs, denom), config=cfg, step=0)
+    terms = pm.hook.build_loss(batch=batch, outputs=out, advantages=adv, ratio=ratio, mask=batch.response_mask,
+                               config=cfg, step=0, metrics=Metrics())
+    got = {t.name: t.value for t in terms}
+    got["rl_self"].backward()
+    return float(got["rl_self"].detach()), out.logprobs.grad
+
+
+@pytest.mark.parametrize("srft_type, value, g_correct, g_wrong", [
+    # rows: y+ (2 tokens, log π −0.2, w_RL = 0.1·e^0.5 = 0.164872), y− (3 tokens, log π −0.4); π_old = e^−0.5; /8
+    ("paper", (0.4 * 0.164872 - 1.2) / 8, -0.164872 / 8, 1 / 8),                      # g = log π
+    ("exp", (-2 * 0.164872 * math.exp(-0.2) + 3 * math.exp(-0.4)) / 8,                 # g = π: 0.217624
+     -0.164872 * math.exp(-0.2) / 8, math.exp(-0.4) / 8),
+    ("classic_rl", (-2 * 0.164872 * math.exp(0.3) + 3 * math.exp(0.1)) / 8,            # g = π/π_old: 0.358801
+     -0.164872 * math.exp(0.3) / 8, math.exp(0.1) / 8),
+    ("minus_old", (-2 * 0.164872 * 0.3 + 3 * 0.1) / 8, -0.164872 / 8, 1 / 8),          # g = log π − log π_old
+])
+def test_srft_type_self_rollout_term(pm, srft_type, value, g_correct, g_wrong):
+    got, g = _loss_with_old(pm, SRFTConfig(srft_type=srft_type), old=-0.5)
+    assert got == pytest.approx(value, abs=2e-6)
+    assert g[0, :2].tolist() == pytest.approx([g_correct] * 2, abs=1e-6)
+    assert g[1, :3].tolist() == pytest.approx([g_wrong] * 3, abs=1e-6)
+    assert g[2].tolist() == [0.0] * 4  # the demonstration is not a self-rollout
+    if srft_type == "exp":
+        assert got == pytest.approx(0.217624, abs=1e-6)
+    if srft_type == "classic_rl":
+        assert got == pytest.approx(0.358801, abs=1e-6)
+
+
+def test_srft_type_and_aggregation_validation():
+    for bad, words in [({"srft_type": "ppo"}, "srft_type 'ppo' is not one of paper | exp | classic_rl | minus_old"),
+                       ({"aggregation": "micro"}, "aggregation 'micro' is not one of invariant | official")]:
+        _, problems = validate_algorithm({"name": "srft", **bad}, SRFTConfig)
+        assert any(words in p for p in problems), problems
+    fields = SRFTConfig.__dataclass_fields__
+    assert "srft_type" in fields["srft_type"].metadata["help"] and "mix_actor" in fields["aggregation"].metadata["help"]
+    assert (SRFTConfig().srft_type, SRFTConfig().aggregation) == ("paper", "invariant")
+
+
+def test_official_aggregation_sums_per_micro_batch_means(pm):
+    """Rows [y+, y−, demo] split [[y+], [y−, demo]], token-mean RL aggregation to expose the RL normaliser.
+
+    micro 1 (2 RL tokens): rl_self −w_RL·2·(−0.2)/2 = 0.032974; entropy mean 0.5
+    micro 2 (7 RL tokens): rl_self 3·(−0.4)/7, rl_demo −(1/3)·4·(0.5/0.6)/7; SFT w_SFT·ln 2 (its 4 demo tokens);
+                           entropy mean (1 + 2 + 3 + 4·2)/7 = 2
+    """
+    from posttrain.testing import split_loss
+    from posttrain.types import Needs
+
+    cfg = SRFTConfig(aggregation="official", loss_agg="token-mean")
+    batch = _step(pm, cfg)
+    out = _outputs()
+    lp, ent = out.logprobs.detach(), out.entropy.detach()
+    r = split_loss(pm.hook, cfg, batch, [[0], [1, 2]], lp, ent, needs=Needs(entropy=True), max_len=8)
+    w_rl, w_sft = 0.1 * math.exp(0.5), 0.5 * math.exp(-2.0)
+    assert r.parts["rl_self"] == pytest.approx(0.2 * w_rl - 1.2 / 7, abs=1e-6)  # 0.032974 − 0.171429
+    assert r.parts["rl_demo"] == pytest.approx(-(4 / 3) * (0.5 / 0.6) / 7, abs=1e-6)  # −0.158730
+    assert r.parts["sft_demo"] == pytest.approx(w_sft * LN2, abs=1e-6)
+    assert r.parts["entropy"] == pytest.approx(-0.001 * (0.5 + 2.0), abs=1e-9)
+    # gradient: the y+ token's weight is −w_RL/2 (its micro-batch has 2 RL tokens), not −w_RL/9
+    assert r.logprob_grad[0, :2].tolist() == pytest.approx([-w_rl / 2] * 2, abs=1e-6)
+    assert r.logprob_grad[1, :3].tolist() == pytest.approx([1 / 7] * 3, abs=1e-6)
+    assert r.entropy_grad[0, :2].tolist() == pytest.approx([-0.001 / 2] * 2, abs=1e-10)
+    # the invariant default on the same split: every normaliser from the mini-batch (9 RL tokens, 9 tokens)
+    inv = split_loss(pm.hook, SRFTConfig(loss_agg="token-mean"), batch, [[0], [1, 2]], lp, ent,
+                     needs=Needs(entropy=True), max_len=8)
+    assert inv.parts["rl_self"] == pytest.approx((0.4 * w_rl - 1.2) / 9, abs=1e-6)
+    assert inv.parts["entropy"] == pytest.approx(-0.001 * 15 / 9, abs=1e-9)
+    # one micro-batch: official == invariant
+    one = split_loss(pm.hook, cfg, batch, [[0, 1, 2]], lp, ent, needs=Needs(entropy=True), max_len=8)
+    whole = split_loss(pm.hook, SRFTConfig(loss_agg="token-mean"), batch, [[0, 1, 2]], lp, ent,
+                       needs=Needs(entropy=True), max_len=8)
+    assert one.total == pytest.approx(whole.total, abs=1e-7)
