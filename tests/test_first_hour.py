@@ -274,3 +274,48 @@ def test_checkpoint_files_share_one_mode(model_dir, tmp_path):
     modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in path.iterdir()}
     assert "model.safetensors" in modes
     assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
+# --- the README's install and test commands are what CI runs ------------------------------------
+
+
+def _readme_block(name: str) -> str:
+    """The block as .ci/run extracts it (its own readme_block function, run by bash)."""
+    script = f'source <(sed -n "/^readme_block()/,/^}}/p" .ci/run) && readme_block {name}'
+    return subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, text=True, check=True).stdout
+
+
+def _fenced_after(marker: str) -> str:
+    text = (REPO / "README.md").read_text()
+    m = re.search(re.escape(marker) + r"[^\n]*\n```bash\n(.*?)```", text, re.S)
+    assert m, f"README.md has no block after {marker!r}"
+    return m.group(1)
+
+
+def test_ci_runs_the_readme_commands_verbatim():
+    install, tests = _readme_block("install"), _readme_block("test")
+    assert install == _fenced_after("<!-- .ci/run: install")
+    assert tests == _fenced_after("<!-- .ci/run: test") == "pytest -q\n"
+    assert 'pip install -e ".[dev]"' in install and "posttrain plugins" in install
+    ci = (REPO / ".ci" / "run").read_text()
+    # .ci/run installs and tests only through the README's blocks
+    own = [line for line in ci.splitlines() if re.match(r"\s*(pip|pytest|python -m pip)\b", line)]
+    assert own == [] and 'eval "$install"' in ci and 'eval "$tests"' in ci
+
+
+@pytest.mark.slow
+def test_readme_install_commands_work_in_a_fresh_venv(tmp_path):
+    """The Quick start's block, verbatim, in a copy of the repository, with the pip that
+    ``python -m venv`` brings (23.2.1 on Python 3.11; it failed on ``pip install -e ".[dev]" plugins/*/``)."""
+    copy = tmp_path / "repo"
+    shutil.copytree(REPO, copy, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "build", "*.egg-info",
+                                                             "__pycache__", ".pytest_cache", "wandb"))
+    script = (f'source <(sed -n "/^readme_block()/,/^}}/p" .ci/run) && set -e && eval "$(readme_block install)" '
+              '&& pip --version')
+    env = {k: v for k, v in ENV.items() if k != "VIRTUAL_ENV"}
+    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if not p.startswith(str(REPO / ".venv")))
+    done = subprocess.run(["bash", "-c", script], cwd=copy, env=env, capture_output=True, text=True, timeout=3600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    installed = re.findall(r"^  (\w+)\s+(?:algorithm|extension)", done.stdout, re.M)
+    assert sorted(installed) == ["dypo", "gift", "grpo", "hpt", "luffy", "sft", "srft"]
+    assert str(copy / ".venv") in done.stdout.splitlines()[-1]  # pip --version: the fresh venv's own pip

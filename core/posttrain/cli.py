@@ -34,7 +34,7 @@ def cmd_train(args) -> int:
     except Interrupted as e:  # Ctrl-C / SIGTERM: one line saying where the state is and how to go on
         if is_main():
             if e.checkpoint is None:
-                print(f"interrupted ({e}) before a step finished: nothing saved", file=sys.stderr)
+                print(f"interrupted ({e}) outside a training step: stopped at once, nothing new saved", file=sys.stderr)
             else:
                 again = shlex.join(["posttrain", "train", args.config, *args.overrides, "--resume", str(e.checkpoint)])
                 print(f"interrupted ({e}) at step {e.step}: saved {e.checkpoint}; resume with: {again}", file=sys.stderr)

@@ -219,7 +219,9 @@ def _saved_config(run_dir: Path, st: Resolved) -> dict | None:
 
 
 def _is_run_dir(path: Path) -> bool:
-    return (path / "config.yaml").is_file() or any(path.glob("stage*-*/config.yaml"))
+    """Holds what a posttrain run writes (also one that died before writing its config.yaml)."""
+    ours = ("config.yaml", "metrics.jsonl", ckpt.CHECKPOINTS_DIR, "base-model")
+    return any((path / name).exists() for name in ours) or any(path.glob("stage*-*/config.yaml"))
 
 
 @dataclass
