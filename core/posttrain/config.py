@@ -137,7 +137,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run_dir: str = help_field("runs/${algorithm.name}", "Run directory: resolved config, metrics.jsonl, checkpoints.")
-    resume: str = help_field("auto", "auto: continue from the newest checkpoint in run_dir | never.")
+    resume: str = help_field("auto", "auto: continue from the newest checkpoint in run_dir (refused when the training config changed; posttrain train --force-resume) | never: start over, moving a previous run in run_dir aside. posttrain train --resume CHECKPOINT picks one.")
     save_every: int = help_field(0, "Checkpoint every this many steps (0: only at the end).")
     keep_checkpoints: Optional[int] = help_field(2, "Keep this many newest step checkpoints; None keeps all.")
     stages: list = help_field([], "Stages run in order, each a partial config over this one; stage k+1 starts from stage k's final weights.")
