@@ -184,7 +184,19 @@ def _write_contents(tmp: Path, *, model: Any, tokenizer: Any, trainer_state: dic
     tokenizer.save_pretrained(tmp)
     torch.save(trainer_state, tmp / TRAINER_STATE)
     torch.save(rng_state(), tmp / RNG_STATE)
+    # transformers writes the weights through a private temp file (0600); give every file the
+    # mode a plain open() would, so a checkpoint is as readable as the rest of the run directory.
+    mode = 0o666 & ~_umask()
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            f.chmod(mode)
     _fsync_tree(tmp)
+
+
+def _umask() -> int:
+    current = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(current)
+    return current
 
 
 def _mark_complete(tmp: Path, step: int) -> None:

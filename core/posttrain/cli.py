@@ -22,11 +22,25 @@ def _user_errors():
 
 
 def cmd_train(args) -> int:
-    from .run import train
+    import shlex
 
     from .distributed import is_main
+    from .interrupt import Interrupted
+    from .run import train
 
-    finals = train(args.config, args.overrides)
+    try:
+        finals = train(args.config, args.overrides, resume_path=args.resume, force_resume=args.force_resume,
+                       dry_run=args.dry_run)
+    except Interrupted as e:  # Ctrl-C / SIGTERM: one line saying where the state is and how to go on
+        if is_main():
+            if e.checkpoint is None:
+                print(f"interrupted ({e}) outside a training step: stopped at once, nothing new saved", file=sys.stderr)
+            else:
+                again = shlex.join(["posttrain", "train", args.config, *args.overrides, "--resume", str(e.checkpoint)])
+                print(f"interrupted ({e}) at step {e.step}: saved {e.checkpoint}; resume with: {again}", file=sys.stderr)
+        return e.exit_code
+    if args.dry_run:
+        return 0
     if is_main():  # under a launcher every rank gets here; one line is enough
         for f in finals:
             print(f"final checkpoint: {f}")
@@ -200,8 +214,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="posttrain", description="LLM post-training with algorithm plugins.")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train from a YAML config")
-    t.add_argument("config")
-    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.lr=1e-6")
+    t.add_argument("config", help="run config YAML, e.g. configs/demo/demo.yaml")
+    t.add_argument("overrides", nargs="*", default=[],
+                   help="key=value overrides, e.g. trainer.lr=1e-6; with stages: trainer.steps=5 sets every stage's, "
+                        "stages.1.trainer.steps=5 only stage 1's")
+    t.add_argument("--resume", metavar="CHECKPOINT", help="continue from this checkpoint of the run "
+                   "(RUN_DIR/checkpoints/step-NNNNNN); later checkpoints are moved aside. Default: resume: auto, the newest")
+    t.add_argument("--force-resume", action="store_true",
+                   help="resume even though the training-relevant config differs from the run directory's config.yaml")
+    t.add_argument("--dry-run", action="store_true",
+                   help="resolve and validate the config, check every path, print the resolved config and the step plan; train nothing")
     t.set_defaults(fn=cmd_train)
     ev = sub.add_parser("eval", help="pass@k / avg@k / maj@k of models on benchmarks; JSON, Markdown table, plot")
     ev.add_argument("--model", nargs="+", required=True, help="model directories or run directories (newest checkpoint)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -139,7 +140,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run_dir: str = help_field("runs/${algorithm.name}", "Run directory: resolved config, metrics.jsonl, checkpoints.")
-    resume: str = help_field("auto", "auto: continue from the newest checkpoint in run_dir | never.")
+    resume: str = help_field("auto", "auto: continue from the newest checkpoint in run_dir (refused when the training config changed; posttrain train --force-resume) | never: start over, moving a previous run in run_dir aside. posttrain train --resume CHECKPOINT picks one.")
     save_every: int = help_field(0, "Checkpoint every this many steps (0: only at the end).")
     keep_checkpoints: Optional[int] = help_field(2, "Keep this many newest step checkpoints; None keeps all.")
     stages: list = help_field([], "Stages run in order, each a partial config over this one; stage k+1 starts from stage k's final weights.")
@@ -202,19 +203,53 @@ def _unknown_keys(node: Any, schema: Any, prefix: str, problems: list[str]) -> N
 
 
 def merge_layers(user: DictConfig | dict, overrides: list[str] | None = None, base: Path | None | str = "default") -> DictConfig:
-    """Dataclass defaults ← base.yaml ← user config ← key=value overrides (untyped merge)."""
+    """Dataclass defaults ← base.yaml ← user config ← key=value overrides (untyped merge).
+
+    With ``stages:``, an override beats the stages' own values: ``trainer.steps=5`` sets every
+    stage's steps, ``stages.1.trainer.steps=5`` only stage 1's (the more specific wins)."""
     layers = [OmegaConf.create(dataclasses.asdict(RunConfig()))]
     if base == "default":
         base = default_base_yaml()
     if base:
         layers.append(OmegaConf.load(base))
     layers.append(OmegaConf.create(user) if isinstance(user, dict) else user)
+    cfg = OmegaConf.merge(*layers)
     if overrides:
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise ConfigError([f"override {o!r} is not key=value" for o in bad], "command line")
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
-    return OmegaConf.merge(*layers)
+        _apply_overrides(cfg, list(overrides))
+    return cfg
+
+
+_STAGE_KEY = re.compile(r"stages\.(\d+)\.(.+)")
+
+
+def _apply_overrides(cfg: DictConfig, overrides: list[str]) -> None:
+    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+    if bad:
+        raise ConfigError([f"override {o!r} is not key=value" for o in bad], "command line")
+    everywhere = [o for o in overrides if not _STAGE_KEY.match(o.split("=", 1)[0])]
+    if everywhere:
+        top = OmegaConf.from_dotlist(everywhere)
+        cfg.merge_with(top)
+        # Stages are merged over the top level later; the override must beat them too.
+        # model.path stays the top level's: later stages start from the previous stage's weights.
+        per_stage = OmegaConf.masked_copy(top, [k for k in top if k != "stages"])
+        if "model" in per_stage and "path" in per_stage.model:
+            per_stage.model.pop("path")
+        for i in range(len(cfg.get("stages") or [])):
+            cfg.stages[i] = OmegaConf.merge(cfg.stages[i], per_stage)
+    problems = []
+    for o in overrides:
+        key, value = o.split("=", 1)
+        m = _STAGE_KEY.match(key)
+        if m is None:
+            continue
+        i, n = int(m.group(1)), len(cfg.get("stages") or [])
+        if i >= n:
+            problems.append(f"{key}: there is no stage {i} (the config has {n} stage(s), numbered from 0)")
+            continue
+        cfg.stages[i] = OmegaConf.merge(cfg.stages[i], OmegaConf.from_dotlist([f"{m.group(2)}={value}"]))
+    if problems:
+        raise ConfigError(problems, "command line")
 
 
 def validate_core(cfg: DictConfig, source: str = "config") -> tuple[RunConfig | None, list[str]]:

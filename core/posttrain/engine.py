@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
-from . import stage_state
+from . import interrupt, stage_state
 from .batching import build_train_batch, micro_batch_rows, minibatches, totals_of, trim_padding
 from .config import RunConfig
 from .data import DataError, PromptSampler, load_examples, render_prompt
@@ -128,6 +128,8 @@ class Engine:
                 self.hook.on_step_end(step=self.step, metrics=dict(metrics))
                 if cfg.save_every and _crossed(start, self.step, cfg.save_every) and self.step < cfg.trainer.steps:
                     self.save()
+                if interrupt.requested():  # SIGINT/SIGTERM: the save below makes the checkpoint to resume from
+                    break
             # Decided from our own record, not by listing the directory: every rank must agree
             # (the ZeRO-3 save is collective) and only rank 0 touches the checkpoints.
             final = self.save() if self._saved_step != self.step else self._checkpoint_path(self.step)
