@@ -26,7 +26,8 @@ from .batching import build_train_batch, micro_batch_rows, minibatches, totals_o
 from .config import RunConfig
 from .data import DataError, PromptSampler, load_examples, render_prompt
 from .evaluate import evaluate_accuracy
-from .logging import RunLogger, progress
+from .logging import RunLogger, on_terminal, progress
+from .lora import build_models, for_checkpoint
 from .metrics import Metrics
 from .plugins import build_registry
 from .loss import micro_batch_loss
@@ -50,22 +51,14 @@ class Engine:
         dist_utils.init(self.device)
         dist_utils.seed_everything(config.trainer.seed)
 
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(config.model.path)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        dtype = getattr(torch, config.model.dtype)
         resume_from = ckpt.latest_checkpoint(self.run_dir) if config.resume == "auto" else None
-        self.model = AutoModelForCausalLM.from_pretrained(resume_from or config.model.path, dtype=dtype).to(self.device)
-        if config.model.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
-        self.model.train()
-        self.reference = None
-        if self.needs.reference or self.needs.reference_vocab:
-            # The stage's initial weights, also after a resume: π_ref must not drift.
-            self.reference = AutoModelForCausalLM.from_pretrained(config.model.path, dtype=dtype).to(self.device).eval()
-            self.reference.requires_grad_(False)
+        self.model, self.reference = build_models(config, device=self.device, resume_from=resume_from,
+                                                  needs_reference=self.needs.reference or self.needs.reference_vocab)
 
         self.updates_per_step = self._updates_per_rollout_step()
         backends = build_registry(pm, "register_trainer_backends")
@@ -369,7 +362,7 @@ class Engine:
             dist_utils.barrier()
         if dist_utils.is_main():
             state = {"step": self.step, "backend": self.backend.state_dict(), "sampler": self.sampler.state_dict()}
-            path = ckpt.save_checkpoint(self.run_dir, self.step, model=model, tokenizer=self.tokenizer,
+            path = ckpt.save_checkpoint(self.run_dir, self.step, model=for_checkpoint(model, self.tokenizer, self.cfg.model.lora), tokenizer=self.tokenizer,
                                         trainer_state=state, keep_last=self.cfg.keep_checkpoints)
             for d in (self.run_dir / _SHARDS_DIR).glob("step-*"):  # shards of pruned checkpoints go too
                 if not (path.parent / d.name).exists():
@@ -383,7 +376,7 @@ class Engine:
 
     @property
     def _bars(self) -> bool:
-        return self.cfg.logging.progress and dist_utils.is_main()
+        return self.cfg.logging.progress and dist_utils.is_main() and on_terminal()  # no bars in a log file
 
 
 def _rollout_metrics(groups: list[PromptGroup], seconds: float, m: Metrics) -> None:
