@@ -19,9 +19,9 @@ import math
 import secrets
 import string
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
+from time import monotonic
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 if TYPE_CHECKING:
@@ -139,14 +139,14 @@ class _StageProgress:
 
     def __init__(self, total: int, start: int, stage: str, bar: bool):
         self.total, self.start, self.stage = total, start, stage
-        self.t0 = time.monotonic()
+        self.t0 = monotonic()
         self.last_eval: float | None = None
         self.bar = None
         if bar:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=start, desc=stage, position=0, leave=True, file=sys.stderr,
-                            dynamic_ncols=True, bar_format="{desc}: {n}/{total} [{elapsed}<{remaining}]{postfix}")
+                            dynamic_ncols=True, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n}/{total} [{elapsed}<{remaining}{postfix}]")
 
     def line(self, step: int, values: dict[str, float]) -> str:
         if values.get("eval/accuracy") is not None and math.isfinite(values["eval/accuracy"]):
@@ -154,7 +154,7 @@ class _StageProgress:
         shown = dict(values)
         if self.last_eval is not None:  # the latest held-out accuracy on every line, not only on eval rows
             shown.setdefault("eval/accuracy", self.last_eval)
-        elapsed = time.monotonic() - self.t0
+        elapsed = monotonic() - self.t0
         done = step - self.start
         eta = elapsed / done * max(0, self.total - step) if done > 0 else None
         if self.bar is not None:
