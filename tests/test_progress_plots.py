@@ -75,18 +75,20 @@ def test_progress_line_format():
 
 
 def test_progress_lines_carry_eta_and_the_latest_held_out_accuracy(tmp_path, capsys, monkeypatch):
-    clock = iter([100.0, 110.0, 120.0, 150.0, 160.0])  # start, then one reading per logged row
+    clock = iter([100.0, 140.0, 150.0, 160.0, 190.0, 200.0])  # start, then one reading per logged row
     monkeypatch.setattr(logging_mod, "monotonic", lambda: next(clock))
     monkeypatch.setattr(logging_mod, "on_terminal", lambda: False)
     with RunLogger(tmp_path / "stage0-sft", LoggingConfig(console_every=2), {"trainer": {"steps": 8}}, resume_step=2) as log:
-        log.log(3, {"loss/total": 1.0})  # resumed at 2: 1 step in 10 s
-        log.log(4, {"loss/total": 0.5, "eval/accuracy": 0.25})
+        log.log(2, {"eval/accuracy": 0.125})  # 40 s of loading and evaluating: not part of the step rate
+        log.log(3, {"loss/total": 1.0})  # 1 step in 10 s
+        log.log(4, {"loss/total": 0.5, "eval/accuracy": 0.25})  # 2 steps in 20 s: 10 s per step, 4 to go
         log.log(6, {"loss/total": 0.25})  # 4 steps in 50 s: 12.5 s per step, 2 to go
         log.log(8, {"loss/total": 0.125})
     assert capsys.readouterr().out.splitlines() == [
-        "[stage0-sft] step 4/8 | eval 0.25 | loss 0.5 | 0:20 elapsed, ETA 0:40",
-        "[stage0-sft] step 6/8 | eval 0.25 | loss 0.25 | 0:50 elapsed, ETA 0:25",
-        "[stage0-sft] step 8/8 | eval 0.25 | loss 0.125 | 1:00 elapsed, ETA 0:00",
+        "[stage0-sft] step 2/8 | eval 0.125 | 0:40 elapsed",
+        "[stage0-sft] step 4/8 | eval 0.25 | loss 0.5 | 1:00 elapsed, ETA 0:40",
+        "[stage0-sft] step 6/8 | eval 0.25 | loss 0.25 | 1:30 elapsed, ETA 0:25",
+        "[stage0-sft] step 8/8 | eval 0.25 | loss 0.125 | 1:40 elapsed, ETA 0:00",
     ]
 
 

@@ -140,6 +140,7 @@ class _StageProgress:
     def __init__(self, total: int, start: int, stage: str, bar: bool):
         self.total, self.start, self.stage = total, start, stage
         self.t0 = monotonic()
+        self.rate_from: tuple[float, int] | None = None  # (time, step) of the first row: the ETA's rate starts there
         self.last_eval: float | None = None
         self.bar = None
         if bar:
@@ -154,9 +155,12 @@ class _StageProgress:
         shown = dict(values)
         if self.last_eval is not None:  # the latest held-out accuracy on every line, not only on eval rows
             shown.setdefault("eval/accuracy", self.last_eval)
-        elapsed = monotonic() - self.t0
-        done = step - self.start
-        eta = elapsed / done * max(0, self.total - step) if done > 0 else None
+        now = monotonic()
+        if self.rate_from is None:  # model loading and the evaluation before training are not per-step costs
+            self.rate_from = (now, step)
+        t_from, s_from = self.rate_from
+        eta = (now - t_from) / (step - s_from) * max(0, self.total - step) if step > s_from else None
+        elapsed = now - self.t0
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             short = console_line(step, {k: v for k, v in shown.items() if k in _BAR_KEYS})

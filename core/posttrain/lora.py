@@ -200,7 +200,7 @@ class _CheckpointView:
         self.model, self.tokenizer, self.save_merged = model, tokenizer, save_merged
 
     def save_pretrained(self, path: str | Path, **kw: Any) -> None:
-        with hf_bars(False), _no_deepspeed_probe():
+        with quiet_save():
             self._save(Path(path), **kw)
 
     def _save(self, path: Path, **kw: Any) -> None:
@@ -219,6 +219,13 @@ class _CheckpointView:
 def for_checkpoint(model: Any, tokenizer: Any, lora: Any) -> Any:
     """The object whose ``save_pretrained`` writes a checkpoint's model files."""
     return _CheckpointView(model, tokenizer, save_merged=lora is not None and lora.save_merged)
+
+
+@contextmanager
+def quiet_save() -> Iterator[None]:
+    """Around ``save_pretrained``: no "Writing model shards" bar, no DeepSpeed import."""
+    with hf_bars(False), _no_deepspeed_probe():
+        yield
 
 
 @contextmanager
