@@ -275,3 +275,13 @@ def test_vllm_sync_pushes_merged_weights(model_dir):
     assert received.keys() == expected.keys()
     assert all(torch.allclose(received[k], expected[k], atol=1e-6) for k in expected)
     assert dict(merged_weights(policy)).keys() == expected.keys() and not engine._stale
+
+
+def test_show_config_fields_lists_the_lora_fields(model_dir, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps(tiny_config(model_dir, tmp_path / "run")))
+    assert main(["show-config", str(cfg), "--fields"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "model.lora.rank = 16: LoRA rank r of each adapter (the update is B·A with A: r×in, B: out×r)." in out
+    assert any(line.startswith("model.lora.save_merged = False: ") for line in out)
+    assert any(line.startswith("logging.tensorboard = False: ") for line in out)

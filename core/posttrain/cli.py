@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import typing
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -46,6 +47,9 @@ def write_run_plots(finals: list[Path]) -> None:
         written = plot_runs([run_dir], run_dir / "plots")
     except ImportError as e:  # matplotlib is an extra: training succeeded, say how to get the plots
         print(f"plots skipped: {e}")
+        return
+    except Exception as e:  # the run is finished and saved; a plotting problem must not fail the command
+        print(f"plots failed ({type(e).__name__}: {e}); retry with: posttrain plot {run_dir}")
         return
     print(f"plots: {run_dir / 'plots'} ({', '.join(p.name for p in written)})")
 
@@ -182,12 +186,19 @@ def cmd_ls(args) -> int:
 
 def _field_help(schema) -> list[str]:
     lines = []
+    try:
+        hints = typing.get_type_hints(schema)
+    except Exception:  # a plugin's annotations that do not resolve here: no optional sections to expand
+        hints = {}
     for f in dataclasses.fields(schema):
         default = f.default if f.default is not dataclasses.MISSING else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         if dataclasses.is_dataclass(default):
             lines += [f"{f.name}.{l}" for l in _field_help(type(default))]
         else:
             lines.append(f"{f.name} = {default!r}: {f.metadata.get('help', '')}")
+            optional = [a for a in typing.get_args(hints.get(f.name)) if dataclasses.is_dataclass(a)]
+            for sub in optional:  # an optional section that is off by default (model.lora): its fields too
+                lines += [f"{f.name}.{l}" for l in _field_help(sub)]
     return lines
 
 
