@@ -285,3 +285,22 @@ def test_show_config_fields_lists_the_lora_fields(model_dir, tmp_path, capsys):
     assert "model.lora.rank = 16: LoRA rank r of each adapter (the update is B·A with A: r×in, B: out×r)." in out
     assert any(line.startswith("model.lora.save_merged = False: ") for line in out)
     assert any(line.startswith("logging.tensorboard = False: ") for line in out)
+
+
+def test_gradient_checkpointing_still_reaches_the_adapters(model_dir):
+    """The frozen embeddings give no grad-requiring input to checkpointed blocks unless peft
+    marks it so; without it the adapters of every block would get no gradient at all."""
+    from posttrain.train.forward import policy_outputs
+
+    cfg = RunConfig()
+    cfg.model.path, cfg.model.lora, cfg.model.gradient_checkpointing = str(model_dir), LoraConfig(**LORA), True
+    policy, _ = build_models(cfg, device=torch.device("cpu"), needs_reference=False, resume_from=None)
+    assert policy.get_base_model().is_gradient_checkpointing
+    batch = _batch()
+    out = policy_outputs(policy, batch, temperature=1.0, chunk=4, entropy=True)
+    (-(out.logprobs * batch.response_mask).sum() - out.entropy.sum()).backward()
+    grads = {n: p.grad for n, p in policy.named_parameters() if p.requires_grad}
+    assert grads and all(".lora_" in n for n in grads)
+    b = {n: g for n, g in grads.items() if ".lora_B." in n}  # B starts at 0, so only B has a gradient at first
+    assert len(b) == 14 and all(g is not None and g.abs().sum() > 0 for g in b.values()), \
+        [n for n, g in b.items() if g is None or g.abs().sum() == 0]
