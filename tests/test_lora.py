@@ -304,3 +304,16 @@ def test_gradient_checkpointing_still_reaches_the_adapters(model_dir):
     b = {n: g for n, g in grads.items() if ".lora_B." in n}  # B starts at 0, so only B has a gradient at first
     assert len(b) == 14 and all(g is not None and g.abs().sum() > 0 for g in b.values()), \
         [n for n, g in b.items() if g is None or g.abs().sum() == 0]
+
+
+def test_full_vocabulary_reference_loss_with_lora_equals_full_training_at_step_1(model_dir, tmp_path):
+    """GIFT reads the reference's whole distribution inside the policy's loss (the LM head module
+    is shared by both under LoRA). At step 1 the adapter is zero, so the policy and the reference
+    are both the base: the loss equals full fine-tuning's, which has a separate reference copy."""
+    pytest.importorskip("posttrain_gift")
+    losses = {}
+    for name, lora in (("full", None), ("lora", LORA)):
+        train(tiny_config(model_dir, tmp_path / name, algorithm="gift", steps=1,
+                          overrides={"model.lora": lora, "rollout.n": 2}), base=None)
+        losses[name] = read_metrics(tmp_path / name / "metrics.jsonl")[-1]["loss/gift"]
+    assert losses["lora"] == pytest.approx(losses["full"], rel=1e-5) and losses["full"] > 0

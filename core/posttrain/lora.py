@@ -146,9 +146,13 @@ class AdaptersOff:
 
     def get_output_embeddings(self) -> Any:
         head = self.model.get_output_embeddings()
-        # A plain Linear head has no adapter (peft's all-linear leaves it alone): return it as is, so
-        # the engine's one-call head path applies; an adapted head runs with its adapter off.
-        return head if head is None or isinstance(head, torch.nn.Linear) else self._wrap(head)
+        if head is None:
+            return None
+        if isinstance(head, torch.nn.Linear):  # no adapter on it (peft's all-linear leaves the LM head alone)
+            # Its weight, not the module: while the policy's loss runs, the engine has patched this very
+            # module's forward (train.forward: one head call per pass), and the reference reads it inside.
+            return lambda x: torch.nn.functional.linear(x, head.weight, head.bias)
+        return self._wrap(head)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._wrap(self.model)(*args, **kwargs)
