@@ -1,4 +1,4 @@
-"""``posttrain`` command line: train | eval | experiment | plugins | ls | show-config | new-plugin."""
+"""``posttrain`` command line: train | eval | experiment | plot | plugins | ls | show-config | new-plugin."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import typing
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -46,6 +47,38 @@ def cmd_train(args) -> int:
             print(f"final checkpoint: {f}")
         for line in accuracy_summary(finals):
             print(line)
+        write_run_plots(finals)
+    return 0
+
+
+def write_run_plots(finals: list[Path]) -> None:
+    """The run's training curves as PNGs in RUN_DIR/plots (all stages in one set of plots)."""
+    from .plotting import plot_runs
+
+    stage_dirs = [Path(f).parent.parent for f in finals]  # run_dir[/stageK-x]/checkpoints/step-NNNNNN
+    run_dir = stage_dirs[0].parent if len(stage_dirs) > 1 else stage_dirs[0]
+    try:
+        written = plot_runs([run_dir], run_dir / "plots")
+    except ImportError as e:  # matplotlib is an extra: training succeeded, say how to get the plots
+        print(f"plots skipped: {e}")
+        return
+    except Exception as e:  # the run is finished and saved; a plotting problem must not fail the command
+        print(f"plots failed ({type(e).__name__}: {e}); retry with: posttrain plot {run_dir}")
+        return
+    print(f"plots: {run_dir / 'plots'} ({', '.join(p.name for p in written)})")
+
+
+def cmd_plot(args) -> int:
+    from .plotting import plot_runs
+
+    out = Path(args.out) if args.out else (Path(args.run_dirs[0]) / "plots" if len(args.run_dirs) == 1 else Path("plots"))
+    try:
+        written = plot_runs(args.run_dirs, out)
+    except ImportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for p in written:
+        print(p)
     return 0
 
 
@@ -167,12 +200,19 @@ def cmd_ls(args) -> int:
 
 def _field_help(schema) -> list[str]:
     lines = []
+    try:
+        hints = typing.get_type_hints(schema)
+    except Exception:  # a plugin's annotations that do not resolve here: no optional sections to expand
+        hints = {}
     for f in dataclasses.fields(schema):
         default = f.default if f.default is not dataclasses.MISSING else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         if dataclasses.is_dataclass(default):
             lines += [f"{f.name}.{l}" for l in _field_help(type(default))]
         else:
             lines.append(f"{f.name} = {default!r}: {f.metadata.get('help', '')}")
+            optional = [a for a in typing.get_args(hints.get(f.name)) if dataclasses.is_dataclass(a)]
+            for sub in optional:  # an optional section that is off by default (model.lora): its fields too
+                lines += [f"{f.name}.{l}" for l in _field_help(sub)]
     return lines
 
 
@@ -242,6 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--skip-missing", action="store_true", help="skip entries whose algorithm plugin is not installed")
     ex.add_argument("--report-only", action="store_true", help="train nothing: rebuild the table and plots from finished runs")
     ex.set_defaults(fn=cmd_experiment)
+    pt = sub.add_parser("plot", help="training-curve PNGs of one or several run directories, drawn together")
+    pt.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (metrics.jsonl, or stage*/ of a staged run)")
+    pt.add_argument("--out", help="output directory (default: RUN_DIR/plots for one run, ./plots for several)")
+    pt.set_defaults(fn=cmd_plot)
     pl = sub.add_parser("plugins", help="list installed algorithm and extension plugins")
     pl.add_argument("--available", action="store_true", help="also list the plugins registry.toml knows")
     pl.add_argument("--json", action="store_true")

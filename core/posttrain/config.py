@@ -38,10 +38,20 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class LoraConfig:
+    rank: int = help_field(16, "LoRA rank r of each adapter (the update is B·A with A: r×in, B: out×r).")
+    alpha: float = help_field(32.0, "LoRA scaling numerator: the update is multiplied by alpha / rank.")
+    dropout: float = help_field(0.0, "Dropout on the adapters' input during training.")
+    target_modules: list = help_field([], "Module names to adapt (e.g. [q_proj, v_proj]); [] adapts every linear layer but the LM head (peft's 'all-linear').")
+    save_merged: bool = help_field(False, "Also write the merged full weights (base + adapter) to each checkpoint's merged/ directory.")
+
+
+@dataclass
 class ModelConfig:
     path: str = help_field("", "Local directory (or hub id) of a causal LM in HF format, tokenizer included.")
     dtype: str = help_field("float32", "Weights dtype: float32 | bfloat16 | float16. bf16 autocast is used on GPU either way.")
     gradient_checkpointing: bool = help_field(False, "Recompute activations in backward to save memory.")
+    lora: Optional[LoraConfig] = help_field(None, "Train LoRA adapters (peft) instead of every weight, e.g. {rank: 16, alpha: 32}; null trains the full model. The frozen reference is the base with adapters off. Fields: model.lora.rank | alpha | dropout | target_modules | save_merged.")
 
 
 @dataclass
@@ -126,6 +136,7 @@ class LoggingConfig:
     project: str = help_field("posttrain", "wandb project.")
     progress: bool = help_field(True, "Show progress bars for rollout / verify / train.")
     console_every: int = help_field(1, "Print a metrics line every this many steps.")
+    tensorboard: bool = help_field(False, "Also write TensorBoard event files to run_dir/tensorboard (needs the tensorboard package: pip install 'posttrain[tensorboard]').")
 
 
 @dataclass

@@ -29,7 +29,8 @@ from .batching import build_train_batch, micro_batch_rows, minibatches, totals_o
 from .config import RunConfig
 from .data import DataError, PromptSampler, load_examples, render_prompt
 from .eval.heldout import evaluate_in_training
-from .logging import NullLogger, RunLogger, progress
+from .logging import NullLogger, RunLogger, on_terminal, progress
+from .lora import build_models
 from .metrics import Metrics, log_rewards, log_rollouts
 from .plugins import build_registry, pick
 from .loss import add_statistics, finish_statistics, micro_batch_loss
@@ -54,22 +55,14 @@ class Engine:
         dist_utils.init(self.device)
         dist_utils.seed_everything(config.trainer.seed)
 
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(config.model.path)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        dtype = getattr(torch, config.model.dtype)
         resume_from = ckpt.latest_checkpoint(self.run_dir) if config.resume == "auto" else None
-        self.model = AutoModelForCausalLM.from_pretrained(resume_from or config.model.path, dtype=dtype).to(self.device)
-        if config.model.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
-        self.model.train()
-        self.reference = None
-        if self.needs.reference or self.needs.reference_vocab:
-            # The stage's initial weights, also after a resume: π_ref must not drift.
-            self.reference = AutoModelForCausalLM.from_pretrained(config.model.path, dtype=dtype).to(self.device).eval()
-            self.reference.requires_grad_(False)
+        self.model, self.reference = build_models(config, device=self.device, resume_from=resume_from,
+                                                  needs_reference=self.needs.reference or self.needs.reference_vocab)
 
         self.updates_per_step = self._updates_per_rollout_step()
         backends = build_registry(pm, "register_trainer_backends")
@@ -377,7 +370,7 @@ class Engine:
 
     @property
     def _bars(self) -> bool:
-        return self.cfg.logging.progress and dist_utils.is_main()
+        return self.cfg.logging.progress and dist_utils.is_main() and on_terminal()  # no bars in a log file
 
 
 def _crossed(before: int, after: int, every: int) -> bool:

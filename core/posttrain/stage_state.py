@@ -17,6 +17,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
+from .lora import for_checkpoint
 from .plugins import load_plugin_state, plugin_state
 
 SHARDS_DIR = "zero_shards"  # run_dir/zero_shards/step-NNNNNN: per-rank optimizer, RNG and plugin state
@@ -64,7 +65,8 @@ def save(engine: Any) -> Path:
                  "plugins": plugin_state(engine.pm)}
         if engine.offline_sampler is not None:
             state["offline_sampler"] = engine.offline_sampler.state_dict()
-        path = ckpt.save_checkpoint(engine.run_dir, step, model=model, tokenizer=engine.tokenizer,
+        path = ckpt.save_checkpoint(engine.run_dir, step, model=for_checkpoint(model, engine.tokenizer, engine.cfg.model.lora),
+                                    tokenizer=engine.tokenizer,
                                     trainer_state=state, keep_last=engine.cfg.keep_checkpoints)
         for d in (engine.run_dir / SHARDS_DIR).glob("step-*"):  # shards of pruned checkpoints go too
             if not (path.parent / d.name).exists():

@@ -56,6 +56,9 @@ def make_tiny_model(path: str | Path, *, hidden: int = 64, layers: int = 2, head
     model = LlamaForCausalLM(cfg)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
-    model.save_pretrained(path)
+    from .lora import quiet_save
+
+    with quiet_save():  # `tiny:` model paths build one on every fresh run: no bar, no DeepSpeed import
+        model.save_pretrained(path)
     tok.save_pretrained(path)
     return path

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from .. import distributed as D
+from ..lora import is_peft, merged_weights
 from ..types import Trajectory
 from . import SamplingParams
 
@@ -65,7 +66,9 @@ class VLLMRolloutEngine:
         D.barrier()
         self.model = model  # the trainer's module: the weights to push when vLLM's are stale
         self._asleep: set[str] = set()  # what sleep() released and wake_up() has not restored
-        self._stale = False  # weights discarded (sleep level 2) and not pushed since
+        # Weights discarded (sleep level 2) and not pushed since. A LoRA policy starts stale: vLLM
+        # loaded its base from disk, and a resumed adapter is not zero.
+        self._stale = is_peft(model)
 
     # --- sleep / wake -------------------------------------------------------------------------
 
@@ -90,8 +93,10 @@ class VLLMRolloutEngine:
         self._wake("weights")
         partitioned = any(hasattr(p, "ds_id") for p in model.parameters())  # ZeRO-3 marks its parameters
         gather = _zero3_gather if partitioned else (lambda p: nullcontext())
+        # LoRA: vLLM holds plain weights, so it gets base + adapter merged (LoRA refuses ZeRO-3).
+        weights = merged_weights(model) if is_peft(model) else model.named_parameters()
         with torch.no_grad():
-            for name, p in model.named_parameters():
+            for name, p in weights:
                 with gather(p):
                     # apply_model runs in this process (in-process engine core) on the bare model,
                     # unwrapped from vLLM's CUDA-graph wrappers; load_weights copies in place.
