@@ -10,6 +10,7 @@ Prints one line per measurement; numbers go in the README, not in timed tests.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import time
 
@@ -34,6 +35,8 @@ def main() -> None:
     ap.add_argument("--problems", type=int, default=36)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--prompts", default=",".join(PROMPTS), help="comma-separated: " + ", ".join(PROMPTS))
+    ap.add_argument("--dump", help="write every response with its gold to this JSONL")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)  # on shared cores, 1 thread generates faster than 2
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -50,7 +53,8 @@ def main() -> None:
     problems = make_gsm_symbolic(templates=f"0-{args.problems - 1}", original=True)
     verifier = MathVerifier(timeout_s=10, workers=1)
     try:
-        for name, fmt in PROMPTS.items():
+        for name in args.prompts.split(","):
+            fmt = PROMPTS[name]
             texts = [tok.apply_chat_template([{"role": "user", "content": fmt.format(q=p.prompt)}], tokenize=False,
                                              add_generation_prompt=True) for p in problems]
             enc = tok(texts, return_tensors="pt", padding=True)
@@ -71,6 +75,10 @@ def main() -> None:
                   f"boxed-only {sum(b and m for b, m in zip(boxed, math_ok))}/{n}; "
                   f"'#### N'-only {sum(hash_correct(r, g) for r, g in zip(responses, golds))}/{n}; "
                   f"answers with \\boxed {sum(boxed)}/{n}, with #### {sum(hashed)}/{n}", flush=True)
+            if args.dump:
+                with open(args.dump, "a") as f:
+                    for p, r, ok in zip(problems, responses, math_ok):
+                        f.write(json.dumps({"prompt": name, "uid": p.uid, "gold": p.answer, "response": r, "math": ok}) + "\n")
     finally:
         verifier.close()
 
