@@ -154,7 +154,7 @@ class Engine:
 
         if self.needs.rollouts:
             r = self.cfg.rollout
-            params = SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens)
+            params = SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens)
             t_roll = time.perf_counter()
             for g, trajs in zip(groups, self.rollout.generate([g.prompt_ids for g in groups], params, progress=self._bars)):
                 g.members = trajs
