@@ -51,3 +51,29 @@ def test_a_cpu_run_prints_the_summary_of_its_metrics(tmp_path, capsys):
     assert s["tokens_per_s_per_gpu"] == pytest.approx(s["tokens_per_step"] / s["step_s"])
     parts = sum(s[f"{p}_s"] for p in ("rollout", "verify", "train", "sync"))
     assert 0 < parts <= s["step_s"] * 1.001  # the split is inside the step
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_verifier_runs_and_times_out_only_the_hanging_answers(capsys):
+    out = _load("bench_verifier").main(["--answers", "40", "--timeout", "1.0", "--hang-frac", "0.05", "--workers", "1"])
+    assert set(out) == {"numeric", "symbolic", "hanging"} and all(1 in v for v in out.values())
+    text = capsys.readouterr().out
+    assert "numeric   workers=1: 40 answers" in text
+    assert "(correct 20, timeouts 0)" in text  # numeric and symbolic: every other answer is right
+    assert "(correct 18, timeouts 2)" in text  # 2 of the 40 hang; the 18 right ones around them still count
+
+
+def test_bench_vs_trl_smoke_without_trl(capsys):
+    """The raw-torch floor and posttrain at the smallest size (TRL left out: an optional extra)."""
+    s = _load("bench_vs_trl").main(["--sizes", "tiny-8x32", "--rounds", "1", "--steps", "2", "--threads", "1", "--no-trl"])
+    row = s["tiny-8x32"]
+    assert "trl_s" not in row and row["posttrain_s"] > 0 and row["raw_s"] > 0
+    assert 0 < row["rollout_frac"] < 1 and 0 < row["train_frac"] < 1
+    assert 1 <= row["posttrain_len"] <= 32
+    assert "posttrain/raw" in capsys.readouterr().out

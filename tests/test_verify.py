@@ -261,3 +261,62 @@ def test_registry_and_protocol():
         v.close()
     with pytest.raises(Exception):
         VerifyResult(1.0).reward = 0.0  # frozen
+
+
+# --- throughput: runs of tasks, the numeric fast path ------------------------------------------
+
+
+def test_pool_runs_continue_after_a_hung_task_on_one_worker():
+    """One worker gets runs of several tasks. A task hung inside its run costs its own timeout:
+    the worker is killed, the hung task alone is a timeout, the rest of its run is re-queued
+    and answered by the replacement, in order; tasks answered before it in the run are kept."""
+    with WorkerPool(CALL, workers=1, timeout_s=1.5, max_run=4) as p:
+        p.map([partial(math.sqrt, 1)])
+        tasks = [partial(math.sqrt, x * x) for x in range(12)]
+        tasks[5] = partial(time.sleep, 60)
+        out = p.map(tasks)
+        assert [o.status for o in out] == ["ok"] * 5 + ["timeout"] + ["ok"] * 6
+        assert [o.value for o in out[:5] + out[6:]] == [float(x) for x in range(12) if x != 5]
+        assert p.stats["restarts"] == 1 and p.stats["timeouts"] == 1
+
+
+def test_pool_crash_inside_a_run_requeues_the_rest():
+    with WorkerPool(CALL, workers=1, timeout_s=5.0, max_run=8) as p:
+        p.map([partial(math.sqrt, 1)])
+        out = p.map([partial(math.sqrt, 4), partial(os._exit, 3), partial(math.sqrt, 9), partial(math.sqrt, 16)] * 4)
+        assert [o.status for o in out] == ["ok", "error", "ok", "ok"] * 4
+        assert [o.value for o in out[2:4]] == [3.0, 4.0]
+
+
+@pytest.mark.parametrize("response,gold", [
+    (r"so the answer is \boxed{42}", "42"), (r"\boxed{41}", "42"), (r"\boxed{-3}", "3"), (r"\boxed{ 7 }", " 7"),
+    (r"\boxed{0.50}", "0.5"), (r"\boxed{2.0}", "2"), (r"\boxed{007}", "7"), (r"$x = 1$, so \boxed{12}", "12"),
+    (r"\boxed{123456789012345}", "123456789012346"),
+])
+def test_numeric_fast_path_agrees_with_math_verify(response, gold):
+    from posttrain.verify.math_verifier import check_math, fast_numeric
+
+    fast = fast_numeric(response, gold)
+    assert fast is not None
+    assert (fast, "ok") == check_math((response, gold))
+
+
+@pytest.mark.parametrize("response,gold", [
+    (r"first \boxed{3} then corrected: \boxed{5}", "5"),  # several boxes: math-verify takes the last
+    (r"\boxed{0.3}", "0.31"),  # decimals that differ: math-verify rounds
+    (r"\boxed{1/2}", "0.5"), (r"\boxed{3}", r"\frac{3}{1}"), ("The answer is 42", "42"),
+    (r"\boxed{1234567890123456}", "1234567890123457"),  # beyond 15 digits
+])
+def test_numeric_fast_path_leaves_the_rest_to_math_verify(response, gold):
+    from posttrain.verify.math_verifier import fast_numeric
+
+    assert fast_numeric(response, gold) is None
+
+
+def test_math_numeric_answers_never_reach_the_workers():
+    with MathVerifier(timeout_s=5, workers=1) as v:
+        items = [(rf"\boxed{{{i}}}", str(i + i % 2)) for i in range(20)] + [(r"\boxed{\frac{3}{4}}", "0.75")]
+        res = v.verify(items)
+        assert [r.reward for r in res] == [0.0 if i % 2 else 1.0 for i in range(20)] + [1.0]
+        assert v._pool.stats["tasks"] == 1  # only the fraction went to math-verify
+        assert v.stats["answers"] == 21

@@ -72,12 +72,13 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = help_field("hf", "Rollout engine: hf (transformers generate, CPU ok) | vllm (extra).")
+    engine: str = help_field("hf", "Rollout engine: hf (KV-cached decode loop on the policy itself, CPU ok) | vllm (extra).")
     n: int = help_field(8, "On-policy rollouts per prompt (LUFFY/SRFT: 7, their demonstration makes 8).")
     temperature: float = help_field(1.0, "Sampling temperature; also divides logits when computing training log-probs.")
     top_p: float = help_field(1.0, "Nucleus sampling mass.")
+    top_k: int = help_field(0, "Sample only among the k most likely tokens; 0 (default) is off, so tokens are drawn from softmax(z/T) (and top-p) exactly as the trainer's log-probs assume.")
     max_new_tokens: int = help_field(1024, "Response length cap (the papers use 8192).")
-    batch_size: int = help_field(64, "Sequences generated per generate() call (HF engine).")
+    batch_size: int = help_field(64, "Sequences decoded together (HF engine).")
     is_cap: Optional[float] = help_field(None, "Truncated importance sampling (any algorithm): weight each sampled token's policy-gradient term by min(π_old/π_sampling, is_cap), detached, correcting the probability mismatch between the rollout engine (vLLM kernels) and the trainer. None disables; 2.0 is the usual cap (Yao et al. 2025, verl's TIS).")
     tensor_parallel_size: int = help_field(1, "vllm: GPUs one vLLM engine spans (tensor parallel); must divide the number of processes.")
     gpu_memory_utilization: float = help_field(0.5, "vllm: fraction of each GPU vLLM may take (weights + KV cache); the trainer shares the GPU.")
@@ -294,6 +295,8 @@ def _check_core_values(c: RunConfig) -> list[str]:
         p.append(f"rollout.n: must be >= 1, got {c.rollout.n}.")
     if not 0 < c.rollout.top_p <= 1:
         p.append(f"rollout.top_p: must be in (0, 1], got {c.rollout.top_p}.")
+    if c.rollout.top_k < 0:
+        p.append(f"rollout.top_k: must be >= 0 (0 is off), got {c.rollout.top_k}.")
     if c.trainer.steps < 0:
         p.append(f"trainer.steps: must be >= 0, got {c.trainer.steps}.")
     if c.trainer.prompts_per_step < 1:

@@ -193,7 +193,7 @@ class Engine:
             fresh += self.draw(self.offline_sampler, self.cfg.data.offline_per_step, "offline")
         for added in self.hook.add_groups(config=self.algo, step=step, metrics=m, make_group=self.make_group):
             fresh += list(added or [])
-        params = SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens)
+        params = SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens)
         kept, generated, target = [], [], n_prompts // self.world
         for rounds in range(1, self.cfg.trainer.max_sampling_rounds + 1):
             fresh = self.sample(fresh, sampling, params, m)

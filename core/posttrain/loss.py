@@ -29,8 +29,8 @@ def micro_batch_loss(hook: Any, algo: Any, step: int, model: Any, micro: TrainBa
     read A's sign (w > 0), so this equals weighting the (clipped) PG term by w, as verl's TIS does.
     """
     dist_fn = functools.partial(_distribution_loss, hook, algo, step, metrics) if needs.reference_vocab else None
-    out = policy_outputs(model, micro, temperature=temperature, chunk=chunk, entropy=True,
-                         distribution_loss=dist_fn, reference=reference)
+    out = policy_outputs(model, micro, temperature=temperature, chunk=chunk, entropy=needs.entropy,
+                         entropy_stat=True, distribution_loss=dist_fn, reference=reference)
     if micro.old_logprobs is None:  # one update per rollout: π_old is the current policy
         micro = micro.with_(old_logprobs=out.logprobs.detach())
     adv = micro.advantages

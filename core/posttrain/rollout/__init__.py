@@ -13,6 +13,7 @@ class SamplingParams:
     n: int = 1
     temperature: float = 1.0  # 0 → greedy
     top_p: float = 1.0
+    top_k: int = 0  # 0 → off: no top-k restriction
     max_new_tokens: int = 1024
 
 

@@ -113,8 +113,11 @@ class VLLMRolloutEngine:
         self._wake("weights")
         self._wake("kv_cache")
         greedy = params.temperature <= 0
+        # Explicit top-k: -1 is "off" in every vLLM version (0 only in recent ones); explicit
+        # params also keep the model's generation_config.json defaults (often a top-k) out.
         sp = VSamplingParams(n=params.n, temperature=0.0 if greedy else params.temperature,
-                             top_p=1.0 if greedy else params.top_p,  # no top-k: as the HF engine
+                             top_p=1.0 if greedy else params.top_p,
+                             top_k=params.top_k if params.top_k > 0 and not greedy else -1,
                              max_tokens=params.max_new_tokens, logprobs=0)  # 0: the sampled token's only
         mine = len(prompts)
         if self.tp_group is not None:  # every rank of a TP engine must submit the same requests

@@ -49,10 +49,17 @@ def policy_outputs(
     temperature: float,
     chunk: int,
     entropy: bool = False,
+    entropy_stat: bool = False,
     distribution_loss: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
     reference=None,
 ) -> ModelOutputs:
-    """Log-probs (+ entropy, + a full-vocabulary per-token loss against ``reference``)."""
+    """Log-probs (+ entropy, + a full-vocabulary per-token loss against ``reference``).
+
+    ``entropy``: the token entropy with gradient (``Needs.entropy``). ``entropy_stat`` without
+    ``entropy``: the entropy as a metric only, detached, computed once per chunk under no_grad
+    after everything else, so backward neither differentiates nor recomputes it (checkpoint
+    recomputation stops at the last saved tensor). Either fills ``ModelOutputs.entropy``.
+    """
     device = next(model.parameters()).device
     batch = batch.to(device)
     hidden, head = response_hidden(model, batch)
@@ -68,10 +75,28 @@ def policy_outputs(
                 ref_logp = torch.log_softmax(ref_head(ref_hidden[:, sl]).float() / temperature, dim=-1)
             return distribution_loss(logits, ref_logp, labels[:, sl])
 
+    stat = entropy_stat and not entropy
+    if stat:
+        extra = _with_entropy_stat(extra)
     logprobs, ent, dist = _stats_in_one_head_call(
         head, hidden, labels, temperature=temperature, chunk_size=chunk, entropy=entropy, extra=extra
     )
+    if stat:
+        dist, ent = (None, dist) if distribution_loss is None else dist.unbind(-1)
+        ent = ent.detach()  # a slice of the stack with the loss would carry its grad_fn
     return ModelOutputs(logprobs=logprobs, entropy=ent, distribution_loss=dist)
+
+
+def _with_entropy_stat(extra: Callable[[Tensor, slice], Tensor] | None) -> Callable[[Tensor, slice], Tensor]:
+    """``extra`` that also returns the detached entropy: [n, c] alone, or [n, c, 2] after ``extra``'s."""
+
+    def both(logits: Tensor, sl: slice) -> Tensor:
+        loss = extra(logits, sl) if extra is not None else None  # first: recomputation stops before the metric
+        with torch.no_grad():
+            ent = F.entropy_from_logits(logits)
+        return ent if loss is None else torch.stack([loss, ent], dim=-1)
+
+    return both
 
 
 def _stats_in_one_head_call(head, hidden: Tensor, labels: Tensor, **kw):
