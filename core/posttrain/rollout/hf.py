@@ -28,7 +28,7 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 
 from ..logging import progress as progress_bar
 from ..types import Trajectory
-from . import SamplingParams
+from .base import SamplingParams
 
 
 class HFRolloutEngine:

@@ -24,7 +24,7 @@ import torch
 from .. import distributed as D
 from ..lora import is_peft, merged_weights
 from ..types import Trajectory
-from . import SamplingParams
+from .base import SamplingParams
 
 
 class VLLMRolloutEngine:

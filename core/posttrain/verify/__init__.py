@@ -15,39 +15,13 @@ unparsable gold answer). The engine logs their counts as ``verify/timeouts`` and
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Callable
 
 
-# Defined before the submodules are imported below: they import VerifyResult from here.
-@dataclass(frozen=True)
-class VerifyResult:
-    reward: float  # 1.0 correct, 0.0 otherwise
-    status: str = "ok"  # "ok" | "timeout" | "error"
-
-
-@runtime_checkable
-class Verifier(Protocol):
-    """What the engine needs from a verifier.
-
-    ``stats`` holds cumulative counts "answers", "timeouts" and "errors".
-    """
-
-    name: str
-    stats: dict[str, int]
-
-    def verify(self, items: list[tuple[str, str]]) -> list[VerifyResult]:
-        """Score ``(response_text, gold_answer)`` pairs; one result per pair, same order."""
-        ...
-
-    def close(self) -> None:
-        """Release workers or other resources; the verifier is not used afterwards."""
-        ...
-
-
-from .math_verifier import MathVerifier  # noqa: E402
-from .pool import Outcome, WorkerPool  # noqa: E402
-from .simple import ChoiceVerifier, ExactVerifier  # noqa: E402
+from .base import Verifier, VerifyResult  # noqa: F401  (re-exported)
+from .math_verifier import MathVerifier
+from .pool import Outcome, WorkerPool
+from .simple import ChoiceVerifier, ExactVerifier
 
 
 def _math(config: Any) -> MathVerifier:

@@ -33,7 +33,7 @@ from collections import OrderedDict
 from fractions import Fraction
 from typing import Any, Optional
 
-from . import VerifyResult
+from .base import VerifyResult
 from .pool import Outcome, WorkerPool
 
 # Distinct gold strings whose parse is kept per worker; a training set rarely has more.

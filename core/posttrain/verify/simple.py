@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any, Optional
 
-from . import VerifyResult
+from .base import VerifyResult
 
 _BOX = re.compile(r"\\(?:boxed|fbox)")
 _BARE_BOX_ARG = re.compile(r" +([^\s$]+)")  # "\boxed 5"
