@@ -20,7 +20,7 @@ This is the Unified Policy Gradient Estimator of the HPT paper cut into parts:
            └ stabilization_mask  └ reference_denominator  └ compute_advantage
                                    shape_ratio = f      build_loss puts them together
 
-Defaults (GRPO and SFT behaviour) live in ``posttrain.defaults`` as an ordinary plugin whose
+Defaults (GRPO and SFT behaviour) live in ``posttrain.algorithms.defaults`` as an ordinary plugin whose
 implementations are all ``trylast``: a plugin overrides a ``firstresult`` hook by returning a
 value, and falls through to the default by returning ``None``.
 

@@ -10,7 +10,8 @@ from typing import Any, Iterable
 
 import pluggy
 
-from . import defaults, hookimpl, hookspecs
+from . import hookimpl, hookspecs
+from .algorithms import defaults
 
 ALGORITHMS = "posttrain.algorithms"
 EXTENSIONS = "posttrain.extensions"

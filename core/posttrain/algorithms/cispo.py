@@ -17,7 +17,8 @@ from typing import Optional
 
 import torch
 
-from posttrain import defaults, hookimpl
+from posttrain import hookimpl
+from posttrain.algorithms import defaults
 from posttrain import functional as F
 from posttrain.config import GRPOConfig, help_field
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from posttrain import defaults, hookimpl
+from posttrain import hookimpl
+from posttrain.algorithms import defaults
 from posttrain import functional as F
 from posttrain.config import GRPOConfig, help_field
 

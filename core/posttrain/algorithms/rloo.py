@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from posttrain import defaults, hookimpl
+from posttrain import hookimpl
+from posttrain.algorithms import defaults
 from posttrain import functional as F
 from posttrain.config import GRPOConfig, help_field
 

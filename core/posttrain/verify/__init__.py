@@ -1,6 +1,6 @@
 """Verifiers: score (response, gold answer) pairs with 1.0 / 0.0, never hanging or raising.
 
-Built in (registered by ``posttrain.defaults`` through ``register_verifiers``):
+Built in (registered by ``posttrain.algorithms.defaults`` through ``register_verifiers``):
 
 * ``math``   — math-verify in a pool of worker processes with hard per-answer timeouts;
 * ``exact``  — normalised string match of the final answer, inline;

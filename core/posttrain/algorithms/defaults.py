@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from . import functional as F
-from . import hookimpl
-from .config import GRPOConfig
-from .types import LossTerm, Needs, Route
+from .. import functional as F
+from .. import hookimpl
+from ..config import GRPOConfig
+from ..types import LossTerm, Needs, Route
 
 
 @hookimpl(trylast=True)
@@ -31,7 +31,7 @@ def requirements(config):
 
 @hookimpl(trylast=True)
 def register_verifiers(register):
-    from .verify import BUILTIN_VERIFIERS
+    from ..verify import BUILTIN_VERIFIERS
 
     for name, factory in BUILTIN_VERIFIERS.items():
         register(name, factory)
@@ -39,7 +39,7 @@ def register_verifiers(register):
 
 @hookimpl(trylast=True)
 def register_rollout_engines(register):
-    from .rollout import hf_engine
+    from ..rollout import hf_engine
 
     register("hf", hf_engine)
     register("vllm", _lazy("posttrain.rollout.vllm_engine", "vllm_engine", "vllm"))
@@ -47,7 +47,7 @@ def register_rollout_engines(register):
 
 @hookimpl(trylast=True)
 def register_trainer_backends(register):
-    from .train import torch_backend
+    from ..train import torch_backend
 
     register("torch", torch_backend)
     register("deepspeed", _lazy("posttrain.train.deepspeed_backend", "deepspeed_backend", "deepspeed"))
