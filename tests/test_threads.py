@@ -136,6 +136,21 @@ def test_cli_rejects_a_bad_count_with_one_error_and_exit_2(capsys):
     assert "trainer.threads: '0' is not auto or a positive integer" in err and "Traceback" not in err
 
 
+def test_train_prints_the_line_before_anything_else(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: {path: m}\n")  # data.train missing: a config error, after the policy is set
+    r = subprocess.run([sys.executable, "-m", "posttrain.cli", "train", str(cfg), "trainer.threads=1"], capture_output=True,
+                       text=True, timeout=300, env={k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "KMP_"))})
+    assert r.returncode == 2
+    assert r.stdout.splitlines() == ["threads: 1 intra-op per process (trainer.threads=1); OpenMP wait policy PASSIVE"]
+    assert "data.train: missing" in r.stderr
+
+
+def test_eval_rejects_a_bad_count_with_exit_2(capsys):
+    assert main(["eval", "--model", "m", "--benchmarks", "b", "--threads", "many"]) == 2
+    assert "--threads: 'many' is not auto or a positive integer" in capsys.readouterr().err
+
+
 def test_threads_are_set_once_per_run_not_per_stage(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model: {path: m}\ntrainer: {threads: 2}\nstages:\n  - algorithm: {name: sft}\n"
