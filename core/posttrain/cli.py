@@ -12,15 +12,44 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from .config import ConfigError, RunConfig
-from .plugins import ALGORITHMS, EXTENSIONS, PluginError, installed, load_plugin_module, overridden_hooks
-from .registry import load_registry, repo_root
+from . import threads
+
+# Before .plugins below imports torch: OpenMP reads its wait policy once, when torch loads.
+threads.prepare_environment()
+
+from .config import ConfigError, RunConfig  # noqa: E402
+from .plugins import ALGORITHMS, EXTENSIONS, PluginError, installed, load_plugin_module, overridden_hooks  # noqa: E402
+from .registry import load_registry, repo_root  # noqa: E402
 
 
 def _user_errors():
     from .data import DataError
 
     return (ConfigError, PluginError, DataError, FileNotFoundError)
+
+
+def apply_threads(value: object, key: str) -> None:
+    """The thread policy, set once before any model loads; one line says what it is."""
+    from .distributed import is_main, local_world_size
+
+    try:
+        policy = threads.apply(value, key, processes=local_world_size())
+    except ValueError as e:
+        raise ConfigError([str(e)], key) from e
+    if is_main():
+        print(policy.line(), flush=True)
+
+
+def _trainer_threads(args) -> object:
+    """``trainer.threads`` of the run: one value per process, so only at the config's top level."""
+    from .run import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    for i, st in enumerate(cfg.get("stages") or []):
+        if "threads" in (st.get("trainer") or {}):
+            raise ConfigError([f"stages[{i}].trainer.threads: threads are set once per run; move it to the top-level trainer section."],
+                              str(args.config))
+    return cfg.trainer.get("threads", "auto")
 
 
 def cmd_train(args) -> int:
@@ -30,6 +59,7 @@ def cmd_train(args) -> int:
     from .interrupt import Interrupted
     from .run import train
 
+    apply_threads(_trainer_threads(args), "trainer.threads")
     try:
         finals = train(args.config, args.overrides, resume_path=args.resume, force_resume=args.force_resume,
                        dry_run=args.dry_run)
@@ -104,6 +134,7 @@ def cmd_eval(args) -> int:
 
     # --benchmarks takes every word after it, so key=value words there are overrides.
     overrides = [b for b in args.benchmarks if "=" in b] + list(args.overrides)
+    apply_threads(args.threads, "--threads")
     run_eval(args.model, [b for b in args.benchmarks if "=" not in b], args.out, overrides, resume=args.resume)
     return 0
 
@@ -298,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default="runs/eval", help="output directory (default: runs/eval)")
     ev.add_argument("--resume", default="auto", choices=["auto", "never"],
                     help="auto: reuse finished generations in OUT/generations (default); never: generate everything again")
+    ev.add_argument("--threads", default="auto", help="CPU intra-op threads: auto (default) | N, as trainer.threads (README \"CPU threads\")")
     ev.add_argument("overrides", nargs="*", help="key=value, e.g. n=4 max_new_tokens=256 rollout.batch_size=32 math500.n=4")
     ev.set_defaults(fn=cmd_eval)
     ex = sub.add_parser("experiment", help="run a grid of runs from a spec (resumable); results table and plots")

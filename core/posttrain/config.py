@@ -18,6 +18,8 @@ from typing import Any, Optional
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .threads import parse as parse_threads
+
 
 def help_field(default: Any, help: str, **kw: Any) -> Any:
     """A dataclass field with help text (shown by ``posttrain show-config --help-fields``)."""
@@ -111,6 +113,7 @@ class TrainerConfig:
     grad_clip: Optional[float] = help_field(1.0, "Clip the global gradient norm to this; None disables.")
     skip_grad_norm_above: Optional[float] = help_field(None, "Skip (and count) a step whose pre-clip grad norm is non-finite or above this (HPT: 80).")
     seed: int = help_field(0, "Seeds python, numpy, torch and the data order.")
+    threads: str = help_field("auto", "CPU intra-op threads per process: auto (the CPUs this process may use, shared among the ranks on this host; one core left free from 8 cores up; OMP_NUM_THREADS wins over auto) | N. Set once per run at the top level, by the posttrain command (README \"CPU threads\").")
     device: str = help_field("auto", "auto | cpu | cuda.")
     zero_stage: int = help_field(2, "DeepSpeed ZeRO stage 1 | 2 | 3 (deepspeed backend); 3 also partitions the reference model.")
     deepspeed_config: Optional[str] = help_field(None, "deepspeed: a DeepSpeed JSON whose sections (zero_optimization, bf16, ...) replace the ones built from these fields; no optimizer/scheduler sections (lr and schedule come from this section).")
@@ -306,6 +309,10 @@ def _check_core_values(c: RunConfig) -> list[str]:
         p.append(f"trainer.prompts_per_minibatch ({mb}) must divide trainer.prompts_per_step ({c.trainer.prompts_per_step}).")
     if c.trainer.schedule not in ("constant", "cosine"):
         p.append(f"trainer.schedule: '{c.trainer.schedule}' is not constant | cosine.{_suggest(c.trainer.schedule, ['constant', 'cosine'])}")
+    try:
+        parse_threads(c.trainer.threads, "trainer.threads")
+    except ValueError as e:
+        p.append(str(e))
     if c.trainer.zero_stage not in (1, 2, 3):
         p.append(f"trainer.zero_stage: must be 1, 2 or 3, got {c.trainer.zero_stage}.")
     if c.trainer.offload_params and c.trainer.zero_stage != 3:

@@ -42,6 +42,12 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def local_world_size() -> int:
+    """Processes of this run on this host (torchrun: LOCAL_WORLD_SIZE, deepspeed launcher: LOCAL_SIZE);
+    ``trainer.threads: auto`` shares the cores among them."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+
+
 def is_main() -> bool:
     """Rank 0: the one process that writes logs, wandb, progress bars and checkpoints."""
     return rank() == 0

@@ -97,6 +97,10 @@ def _worker_main(conn: Connection, fn: Callable[[Any], Any], initializer: Option
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if soft_timeout_s:
         signal.signal(signal.SIGALRM, _raise_soft_timeout)
+    from ..threads import limit_worker
+
+    # Tasks are single-threaded Python; one torch/OpenMP thread each keeps workers + trainer within the cores.
+    limit_worker(1)
     try:
         if initializer is not None:
             initializer()

@@ -1,0 +1,172 @@
+"""Step time of the demo's SFT and GRPO stages under CPU contention, for several thread settings.
+
+    python benchmarks/bench_threads.py [--sft-steps 40 --grpo-steps 3 --timeout 300]
+
+Workloads: stage 0 (SFT) and stage 1 (GRPO) of configs/demo/demo.yaml, each run alone for a few
+steps with evaluation off (the GRPO stage starts from the random-weight model, so every response
+runs to max_new_tokens: the slow end of that stage). Scenarios: ``idle`` (nothing started by
+this script; the load average printed next to it says how idle the machine really was),
+``busy`` (one CPU-bound neighbour at equal priority), ``busy-nice`` (the same neighbour, with
+the training process at nice +10, i.e. the neighbour has the higher priority; no root needed).
+Variants:
+
+* ``posttrain`` — ``posttrain train`` as shipped (``trainer.threads: auto``, passive OpenMP wait);
+* ``threads=1`` — ``posttrain train ... trainer.threads=1``;
+* ``torch`` — the same run through the Python API (``posttrain.run.train``), which leaves
+  torch's defaults alone: one intra-op thread per CPU, spinning OpenMP waits.
+
+Every child starts without OMP_* / MKL_* variables, so the variants differ only as described.
+The step time is the median ``time/step_s`` of a run's steps after the first (warm-up). A run
+past ``--timeout`` is stopped and its finished steps are used ('>' marks it). TRL is not run:
+``trl`` installs next to this torch, but no TRL port of the demo workload exists yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "configs" / "demo" / "demo.yaml"
+SCENARIOS = ("idle", "busy", "busy-nice")
+VARIANTS = ("posttrain", "threads=1", "torch")
+WORKLOADS = ("sft", "grpo")
+NEIGHBOUR = "while True: pass"
+TORCH_DEFAULT = "import sys; from posttrain.run import train; train(sys.argv[1])"
+
+
+def stage_yaml(workload: str, steps: int, run_dir: Path, out: Path) -> Path:
+    """One stage of the demo as a stand-alone config: ``steps`` steps, no evaluation."""
+    from posttrain.config import stage_configs
+
+    cfg = stage_configs(OmegaConf.load(DEMO))[WORKLOADS.index(workload)]
+    cfg.trainer.steps = steps
+    cfg.eval.enabled = False
+    cfg.save_every, cfg.run_dir, cfg.resume = 0, str(run_dir), "never"
+    cfg.logging.console_every = 10**6
+    cfg.logging.progress = False
+    OmegaConf.save(cfg, out)
+    return out
+
+
+def command(variant: str, config: Path) -> list[str]:
+    if variant == "torch":
+        return [sys.executable, "-c", TORCH_DEFAULT, str(config)]
+    extra = ["trainer.threads=1"] if variant == "threads=1" else []
+    return [sys.executable, "-m", "posttrain.cli", "train", str(config), *extra]
+
+
+def clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "MKL_", "KMP_", "GOMP_"))}
+    env.update(WANDB_MODE="disabled", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def step_times(run_dir: Path) -> list[float]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r["time/step_s"] for r in rows if "time/step_s" in r]
+
+
+def summarize(times: list[float]) -> float | None:
+    """Median step time after the warm-up step; None with fewer than two steps."""
+    return statistics.median(times[1:]) if len(times) >= 2 else None
+
+
+def run_one(workload: str, variant: str, scenario: str, steps: int, timeout: float, tmp: Path) -> dict:
+    run_dir = tmp / f"{workload}-{variant}-{scenario}".replace("=", "")
+    config = stage_yaml(workload, steps, run_dir, tmp / f"{run_dir.name}.yaml")
+    neighbour = None
+    if scenario != "idle":
+        neighbour = subprocess.Popen([sys.executable, "-c", NEIGHBOUR])
+    nice = (lambda: os.nice(10)) if scenario == "busy-nice" else None
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(command(variant, config), env=clean_env(), cwd=tmp, preexec_fn=nice,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        timed_out = True
+    finally:
+        if neighbour is not None:
+            neighbour.kill()
+            neighbour.wait()
+    times = step_times(run_dir)
+    if proc.returncode not in (0, None) and not timed_out:
+        sys.stderr.write(f"{run_dir.name} failed (exit {proc.returncode}):\n{out[-2000:]}\n")
+    line = next((l for l in out.splitlines() if l.startswith("threads:")), "")
+    return {"workload": workload, "variant": variant, "scenario": scenario, "step_s": summarize(times),
+            "steps": len(times), "timed_out": timed_out, "wall_s": time.perf_counter() - t0, "threads_line": line}
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:6.2f}x" if a and b else "     -"
+
+
+def report(results: list[dict]) -> None:
+    by = {(r["workload"], r["variant"], r["scenario"]): r for r in results}
+    for workload in dict.fromkeys(r["workload"] for r in results):
+        print(f"\n{workload}: median step time in s (ratio to the same variant idle)")
+        print(f"  {'variant':<11}" + "".join(f"{s:>22}" for s in SCENARIOS))
+        for v in VARIANTS:
+            cells = []
+            idle = (by.get((workload, v, "idle")) or {}).get("step_s")
+            for s in SCENARIOS:
+                r = by.get((workload, v, s))
+                if r is None or r["step_s"] is None:
+                    cells.append(f"{'timed out' if r and r['timed_out'] else '-':>22}")
+                    continue
+                mark = ">" if r["timed_out"] else " "
+                cells.append(f"{mark}{r['step_s']:8.3f} ({ratio(r['step_s'], idle)})".rjust(22))
+            print(f"  {v:<11}" + "".join(cells))
+        for s in SCENARIOS:
+            get = lambda v: (by.get((workload, v, s)) or {}).get("step_s")
+            print(f"  {s:<10} posttrain / torch {ratio(get('posttrain'), get('torch'))}   "
+                  f"threads=1 / posttrain {ratio(get('threads=1'), get('posttrain'))}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sft-steps", type=int, default=40)
+    ap.add_argument("--grpo-steps", type=int, default=3)
+    ap.add_argument("--timeout", type=float, default=300, help="seconds per run before it is stopped")
+    ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS))
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args(argv)
+    print(f"CPUs in affinity: {len(os.sched_getaffinity(0))}; load average at start: {os.getloadavg()[0]:.2f}", flush=True)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for workload in args.workloads.split(","):
+            steps = args.sft_steps if workload == "sft" else args.grpo_steps
+            for scenario in args.scenarios.split(","):
+                for variant in args.variants.split(","):
+                    load = os.getloadavg()[0]
+                    r = run_one(workload, variant, scenario, steps, args.timeout, Path(tmp))
+                    results.append({**r, "load_before": load})
+                    step = f"{r['step_s']:.3f} s" if r["step_s"] is not None else "no steps"
+                    print(f"  {workload:<5} {scenario:<10} {variant:<10} {step:>10} over {r['steps']} steps"
+                          f"{' (timed out)' if r['timed_out'] else ''}; load before {load:.2f}; {r['threads_line']}", flush=True)
+    report(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

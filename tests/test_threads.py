@@ -1,0 +1,214 @@
+"""posttrain.threads: the CPU thread policy reaches torch, the verifier workers and the start-up
+line; auto follows affinity, the cgroup quota and the ranks on the host; the user's choice wins."""
+
+from __future__ import annotations
+
+import operator
+import os
+import shutil
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+
+from posttrain import threads
+from posttrain.cli import _trainer_threads, build_parser, main
+from posttrain.config import ConfigError, merge_layers, validate_core
+from posttrain.distributed import local_world_size
+from posttrain.verify import WorkerPool
+
+CALL = operator.methodcaller("__call__")  # fn(task) = task(), as in test_verify.py
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _python(code: str, env: dict | None = None, prefix: list[str] = ()) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "MKL_", "KMP_", "LOCAL_"))}
+    return subprocess.run([*prefix, sys.executable, "-c", code], env={**clean, **(env or {})},
+                          capture_output=True, text=True, timeout=300)
+
+
+# --- the count reaches torch, in a fresh process ----------------------------------------------
+
+
+def test_configured_count_reaches_torch_and_the_startup_line_says_so():
+    r = _python("from posttrain.cli import apply_threads; apply_threads('3', 'trainer.threads'); import torch, os; "
+                "print(torch.get_num_threads(), torch.get_num_interop_threads(), os.environ['OMP_WAIT_POLICY'])")
+    assert r.returncode == 0, r.stderr
+    line, counts = r.stdout.splitlines()
+    assert counts == "3 1 PASSIVE"
+    assert line == "threads: 3 intra-op per process (trainer.threads=3); OpenMP wait policy PASSIVE"
+
+
+def test_auto_reaches_torch_with_the_cores_of_the_affinity_mask():
+    n = len(os.sched_getaffinity(0))
+    r = _python("from posttrain.cli import apply_threads; apply_threads('auto', 'trainer.threads'); "
+                "import torch; print(torch.get_num_threads())")
+    assert r.returncode == 0, r.stderr
+    line, count = r.stdout.splitlines()
+    assert int(count) == threads.auto_threads(n)
+    assert line.startswith(f"threads: {threads.auto_threads(n)} intra-op per process (auto: {n} CPUs in affinity")
+
+
+@pytest.mark.skipif(shutil.which("taskset") is None, reason="needs taskset (util-linux)")
+def test_auto_respects_affinity_under_taskset():
+    r = _python("from posttrain.cli import apply_threads; apply_threads('auto', 'trainer.threads'); "
+                "import torch; print(torch.get_num_threads())", prefix=["taskset", "-c", "0"])
+    assert r.returncode == 0, r.stderr
+    line, count = r.stdout.splitlines()
+    assert count == "1"
+    assert "(auto: 1 CPUs in affinity" in line
+
+
+def test_omp_num_threads_wins_over_auto_and_the_config_wins_over_it():
+    r = _python("from posttrain.cli import apply_threads; apply_threads('auto', 'trainer.threads'); "
+                "import torch; print(torch.get_num_threads())", env={"OMP_NUM_THREADS": "1"})
+    assert r.stdout.splitlines() == ["threads: 1 intra-op per process (OMP_NUM_THREADS=1); OpenMP wait policy PASSIVE", "1"]
+    r = _python("from posttrain.cli import apply_threads; apply_threads(2, 'trainer.threads'); "
+                "import torch; print(torch.get_num_threads())", env={"OMP_NUM_THREADS": "1"})
+    assert r.stdout.splitlines()[1] == "2"
+
+
+def test_wait_policy_is_set_before_torch_loads_and_a_users_choice_is_kept():
+    r = _python("import posttrain.cli, os; print(os.environ['OMP_WAIT_POLICY'], os.environ['KMP_BLOCKTIME'])")
+    assert r.stdout.split() == ["PASSIVE", "0"]
+    r = _python("import posttrain.cli, os; print(os.environ['OMP_WAIT_POLICY'])", env={"OMP_WAIT_POLICY": "ACTIVE"})
+    assert r.stdout.split() == ["ACTIVE"]
+    # Too late when torch came first: OpenMP has read its environment already, and the line says so.
+    r = _python("import torch; from posttrain.cli import apply_threads; apply_threads(1, 'trainer.threads')")
+    assert r.stdout.strip() == ("threads: 1 intra-op per process (trainer.threads=1); OpenMP wait policy torch was "
+                                "imported first: its OpenMP threads keep their default wait policy")
+
+
+# --- resolution rules, in this process (no torch state touched) -------------------------------
+
+
+@pytest.mark.parametrize("cores,processes,expected", [(1, 1, 1), (2, 1, 2), (4, 1, 4), (7, 1, 7), (8, 1, 7),
+                                                      (16, 1, 15), (16, 2, 7), (8, 3, 2), (2, 4, 1)])
+def test_auto_threads(cores, processes, expected):
+    assert threads.auto_threads(cores, processes) == expected
+
+
+def test_resolve_divides_auto_among_the_ranks_on_the_host(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "usable_cores", lambda: (8, "8 CPUs in affinity"))
+    assert threads.resolve("auto", processes=2) == threads.Policy(3, "auto: 8 CPUs in affinity, 2 processes on this host")
+    assert threads.resolve(5, processes=2) == threads.Policy(5, "trainer.threads=5")  # N is per process, as given
+
+
+def test_local_world_size_from_either_launcher(monkeypatch):
+    for k in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    assert local_world_size() == 1
+    monkeypatch.setenv("LOCAL_SIZE", "4")  # deepspeed launcher
+    assert local_world_size() == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun
+    assert local_world_size() == 2
+
+
+def test_unreadable_omp_num_threads_falls_back_to_auto(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "lots")
+    monkeypatch.setattr(threads, "usable_cores", lambda: (4, "4 CPUs in affinity"))
+    assert threads.resolve("auto") == threads.Policy(4, "auto: 4 CPUs in affinity")
+
+
+@pytest.mark.parametrize("bad", ["0", "-2", "two", "1.5", ""])
+def test_bad_values_name_the_key(bad):
+    with pytest.raises(ValueError) as e:
+        threads.parse(bad, "trainer.threads")
+    assert str(e.value) == f"trainer.threads: '{bad}' is not auto or a positive integer (e.g. trainer.threads=1 on shared cores)."
+
+
+def test_config_validation_reports_a_bad_value():
+    cfg = merge_layers({"model": {"path": "m"}, "data": {"train": "d.jsonl"}, "trainer": {"threads": 0}}, base=None)
+    _, problems = validate_core(cfg)
+    assert problems == ["trainer.threads: '0' is not auto or a positive integer (e.g. trainer.threads=1 on shared cores)."]
+    ok = merge_layers({"model": {"path": "m"}, "data": {"train": "d.jsonl"}, "trainer": {"threads": 4}}, base=None)
+    obj, problems = validate_core(ok)
+    assert problems == [] and obj.trainer.threads == "4"
+
+
+def test_cli_rejects_a_bad_count_with_one_error_and_exit_2(capsys):
+    assert main(["train", str(ROOT / "configs" / "demo" / "demo.yaml"), "trainer.threads=0"]) == 2
+    err = capsys.readouterr().err
+    assert "trainer.threads: '0' is not auto or a positive integer" in err and "Traceback" not in err
+
+
+def test_train_prints_the_line_before_anything_else(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: {path: m}\n")  # data.train missing: a config error, after the policy is set
+    r = subprocess.run([sys.executable, "-m", "posttrain.cli", "train", str(cfg), "trainer.threads=1"], capture_output=True,
+                       text=True, timeout=300, env={k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "KMP_"))})
+    assert r.returncode == 2
+    assert r.stdout.splitlines() == ["threads: 1 intra-op per process (trainer.threads=1); OpenMP wait policy PASSIVE"]
+    assert "data.train: missing" in r.stderr
+
+
+def test_eval_rejects_a_bad_count_with_exit_2(capsys):
+    assert main(["eval", "--model", "m", "--benchmarks", "b", "--threads", "many"]) == 2
+    assert "--threads: 'many' is not auto or a positive integer" in capsys.readouterr().err
+
+
+def test_threads_are_set_once_per_run_not_per_stage(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: {path: m}\ntrainer: {threads: 2}\nstages:\n  - algorithm: {name: sft}\n"
+                   "  - algorithm: {name: grpo}\n    trainer: {threads: 1}\n")
+    with pytest.raises(ConfigError, match=r"stages\[1\]\.trainer\.threads: threads are set once per run"):
+        _trainer_threads(build_parser().parse_args(["train", str(cfg)]))
+    cfg.write_text("model: {path: m}\ntrainer: {threads: 2}\nstages:\n  - algorithm: {name: sft}\n")
+    assert _trainer_threads(build_parser().parse_args(["train", str(cfg), "trainer.threads=3"])) == 3
+
+
+def test_eval_has_a_threads_flag():
+    args = build_parser().parse_args(["eval", "--model", "m", "--benchmarks", "b", "--threads", "1"])
+    assert args.threads == "1"
+    assert build_parser().parse_args(["eval", "--model", "m", "--benchmarks", "b"]).threads == "auto"
+
+
+# --- cgroup CPU quota -------------------------------------------------------------------------
+
+
+def test_cgroup_v2_quota_tightest_on_the_way_up(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    (tmp_path / "a" / "cpu.max").write_text("150000 100000\n")
+    (tmp_path / "a" / "b" / "cpu.max").write_text("300000 100000\n")
+    proc = tmp_path / "cgroup"
+    proc.write_text("0::/a/b\n")
+    assert threads.cgroup_cpu_limit(tmp_path, proc) == 1.5
+    proc.write_text("0::/\n")
+    assert threads.cgroup_cpu_limit(tmp_path, proc) is None
+
+
+def test_cgroup_v1_quota(tmp_path):
+    d = tmp_path / "cpu,cpuacct" / "job"
+    d.mkdir(parents=True)
+    (d / "cpu.cfs_quota_us").write_text("250000\n")
+    (d / "cpu.cfs_period_us").write_text("100000\n")
+    proc = tmp_path / "cgroup"
+    proc.write_text("4:memory:/x\n3:cpu,cpuacct:/job\n")
+    assert threads.cgroup_cpu_limit(tmp_path, proc) == 2.5
+    (d / "cpu.cfs_quota_us").write_text("-1\n")
+    assert threads.cgroup_cpu_limit(tmp_path, proc) is None
+
+
+def test_a_quota_below_the_affinity_caps_auto(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(threads, "cgroup_cpu_limit", lambda: 2.5)
+    assert threads.usable_cores() == (3, "cgroup quota 2.5 CPUs, affinity 8")
+    monkeypatch.setattr(threads, "cgroup_cpu_limit", lambda: None)
+    assert threads.usable_cores() == (8, "8 CPUs in affinity")
+
+
+# --- worker processes -------------------------------------------------------------------------
+
+
+def test_verifier_workers_run_one_torch_thread(monkeypatch):
+    # Inherited from the parent, 4 would be every worker's count without the worker's own limit.
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    with WorkerPool(CALL, workers=2, timeout_s=120.0) as pool:
+        out = pool.map([torch.get_num_threads, partial(os.getenv, "OMP_NUM_THREADS"), partial(os.getenv, "OMP_WAIT_POLICY")])
+    assert [o.status for o in out] == ["ok"] * 3, out
+    assert [o.value for o in out] == [1, "1", "PASSIVE"]
