@@ -130,7 +130,7 @@ def test_config_yaml_is_the_full_validated_config(model_dir, tmp_path):
     assert saved["algorithm"] == {"name": "grpo", "norm_adv_by_std": True, "adv_eps": 1e-6, "clip_low": 0.2,
                                   "clip_high": None, "clip_dual": None, "ratio_level": "token", "loss_agg": "token-mean",
                                   "loss_max_len": None, "sft_coef": 1.0, "entropy_coef": 0.0, "kl_coef": 0.0,
-                                  "kl_estimator": "k3"}
+                                  "kl_estimator": "k3", "kl_reward_coef": 0.0, "kl_reward_estimator": "k1"}
     assert saved["trainer"]["weight_decay"] == 0.01 and saved["data"]["max_prompt_tokens"] == 1024
 
 
