@@ -16,9 +16,10 @@ from .registry import load_registry, repo_root
 
 
 def _user_errors():
+    from .checkpoint import CheckpointError
     from .data import DataError
 
-    return (ConfigError, PluginError, DataError, FileNotFoundError)
+    return (ConfigError, PluginError, DataError, CheckpointError, FileNotFoundError)
 
 
 def cmd_train(args) -> int:

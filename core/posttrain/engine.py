@@ -102,7 +102,7 @@ class Engine:
             self.sampler.load_state_dict(state["sampler"])
             self.step = state["step"]
             own_rng = shards / _rank_rng_file(dist_utils.rank())
-            ckpt.set_rng_state(torch.load(own_rng, weights_only=False) if own_rng.is_file() else rng)
+            ckpt.set_rng_state(ckpt.safe_load(own_rng) if own_rng.is_file() else rng)
         self._saved_step = self.step if resume_from is not None else None
         self.logger: Any = _NullLogger()
         if dist_utils.is_main():  # one writer: rank 0 logs, saves the config, talks to wandb
