@@ -3,12 +3,14 @@ one line (exit 2) checked before the model loads, and no failure is silent."""
 
 import os
 import pickle
+import types
 
 import pytest
 import torch
 import yaml
 
 from posttrain import checkpoint as ckpt
+from posttrain import hookimpl
 from posttrain.cli import main
 from posttrain.run import train
 from posttrain.testing import make_tiny_model, tiny_config
@@ -25,7 +27,10 @@ def _cli(capsys, cfg: dict, tmp_path, *overrides: str) -> tuple[int, str]:
     code = main(["train", str(path), *overrides])
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    return code, [line for line in err.splitlines() if line.startswith("error:")]
+    # progress bars share stderr; the error is the first line starting "error:" and what follows it
+    lines = err.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("error:")), len(lines))
+    return code, lines[start:]
 
 
 # --- 1. a checkpoint cannot run code -------------------------------------------------------------
@@ -82,3 +87,110 @@ def test_a_planted_pickle_of_any_protocol_is_refused(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="refused to load"):
         ckpt.safe_load(tmp_path / "rng.pt")
     assert not (tmp_path / "pwned").exists()
+
+
+# --- 6. every numeric field is range-checked before the model loads -------------------------------
+
+
+def test_bad_values_are_one_line_each_exit_2(model_dir, tmp_path, capsys, monkeypatch):
+    import transformers
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the config was validated")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_model)
+    cfg = tiny_config(model_dir, tmp_path / "run", steps=1)
+    code, err = _cli(capsys, cfg, tmp_path, "trainer.lr=0", "rollout.max_new_tokens=0", "verifier.timeout_s=0",
+                     "verifier.workers=0", "verifier.name=maht", "rollout.temperature=0", "trainer.max_skipped_steps=0",
+                     "eval.n=0", "trainer.betas=[0.9,1.5]", "verifier.on_timeout=drop", "data.overlong_prompt=cut")
+    assert code == 2
+    assert err[1:] == [
+        "  - rollout.max_new_tokens: must be >= 1, got 0.",
+        "  - verifier.timeout_s: must be > 0, got 0.0.",
+        "  - verifier.workers: must be >= 1, got 0.",
+        "  - trainer.lr: must be > 0, got 0.0.",
+        "  - trainer.max_skipped_steps: must be >= 1, got 0.",
+        "  - eval.n: must be >= 1, got 0.",
+        "  - rollout.temperature: must be > 0 for training, got 0.0; greedy decoding is for evaluation (eval.temperature=0).",
+        "  - trainer.betas: must be two numbers in [0, 1), got [0.9, 1.5].",
+        "  - data.overlong_prompt: 'cut' is not error | truncate_left | skip.",
+        "  - verifier.on_timeout: 'drop' is not drop_member | drop_group | zero.",
+        "  - verifier.name: 'maht' is not registered; use one of choice | exact | math. Did you mean 'math'?",
+    ]
+    assert err[0].startswith("error: 11 problem(s) in ")
+
+
+@pytest.mark.parametrize("override, line", [
+    ("trainer.lr=-1e-6", "trainer.lr: must be > 0, got -1e-06."),
+    ("verifier.step_budget_s=0", "verifier.step_budget_s: must be > 0 (or null), got 0.0."),
+    ("trainer.grad_clip=0", "trainer.grad_clip: must be > 0 (or null), got 0.0."),
+    ("trainer.min_lr_ratio=2", "trainer.min_lr_ratio: must be in [0, 1], got 2.0."),
+    ("rollout.engine=vlm", "rollout.engine: 'vlm' is not registered; use one of hf | vllm. Did you mean 'vllm'?"),
+    ("trainer.backend=ds", "trainer.backend: 'ds' is not registered; use one of deepspeed | torch."),
+    ("model.dtype=fp16", "model.dtype: 'fp16' is not float32 | bfloat16 | float16."),
+])
+def test_one_bad_value_is_one_line(model_dir, tmp_path, override, line):
+    from posttrain.config import ConfigError
+    from posttrain.run import load_config, resolve_stages
+
+    with pytest.raises(ConfigError) as e:
+        resolve_stages(load_config(tiny_config(model_dir, tmp_path / "run"), [override], base=None))
+    assert e.value.problems == [line]
+
+
+# --- 7. plugin errors name the plugin, the hook and the config key --------------------------------
+
+
+class _Typo:
+    @hookimpl
+    def compute_advantag(self, batch, config):
+        return None
+
+
+def test_a_misspelt_hook_is_named_with_the_closest_real_one(model_dir, tmp_path):
+    from posttrain.config import ConfigError
+    from posttrain.plugins import PluginError, overridden_hooks
+    from posttrain.run import load_config, resolve_stages
+
+    # `posttrain plugins` lists each plugin's hooks through overridden_hooks: a typo is its error
+    module = types.ModuleType("my_plugin")
+    module.compute_advantag = hookimpl(lambda batch, config: None)
+    with pytest.raises(PluginError, match=r"^my_plugin: unknown hook 'compute_advantag' \(no such hook in posttrain.hookspecs\)\. "
+                                          r"Did you mean 'compute_advantage'\?$"):
+        overridden_hooks(module)
+    with pytest.raises(ConfigError) as e:
+        resolve_stages(load_config(tiny_config(model_dir, tmp_path / "run"), base=None), plugins=[_Typo()])
+    assert e.value.problems == ["plugins: inline:0:_Typo: unknown hook 'compute_advantag' (no such hook in "
+                                "posttrain.hookspecs). Did you mean 'compute_advantage'?"]
+
+
+def test_a_missing_extension_is_reported_under_extensions(model_dir, tmp_path):
+    from posttrain.config import ConfigError
+    from posttrain.run import load_config, resolve_stages
+
+    with pytest.raises(ConfigError) as e:
+        resolve_stages(load_config(tiny_config(model_dir, tmp_path / "run", overrides={"extensions": ["nope"]}), base=None))
+    assert len(e.value.problems) == 1 and e.value.problems[0].startswith("extensions: Unknown extension 'nope'.")
+
+
+class _Exploding:
+    @hookimpl
+    def compute_advantage(self, batch, config):
+        raise ValueError("boom at the advantage")
+
+
+def test_a_hook_that_raises_names_its_plugin_and_hook_traceback_below(model_dir, tmp_path, capsys, monkeypatch):
+    from posttrain import plugins
+
+    real = plugins.load_plugin_module
+    monkeypatch.setattr(plugins, "load_plugin_module",
+                        lambda name, group=plugins.ALGORITHMS: _Exploding() if name == "exploding" else real(name, group))
+    cfg = tiny_config(model_dir, tmp_path / "run", steps=1, overrides={"extensions": ["exploding"], "rollout.n": 2})
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(path)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    first = next(i for i, line in enumerate(err) if line.startswith("error:"))
+    assert err[first] == 'error: hook compute_advantage of extension plugin "exploding" raised ValueError: boom at the advantage'
+    assert err[first + 2] == "Traceback (most recent call last):"
+    assert err[-1] == "ValueError: boom at the advantage"

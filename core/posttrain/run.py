@@ -9,7 +9,7 @@ from typing import Any, Iterable
 from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError, RunConfig, load_yaml, merge_layers, stage_configs, validate_algorithm, validate_core
-from .plugins import PluginError, make_plugin_manager
+from .plugins import PluginError, make_plugin_manager, unregistered_names
 
 
 @dataclass
@@ -37,10 +37,10 @@ def resolve(cfg: DictConfig, *, plugins: Iterable[Any] = (), source: str = "conf
         try:
             pm = make_plugin_manager(name, list(cfg.get("extensions") or []), plugins)
         except PluginError as e:
-            problems.append(f"algorithm.name: {e}")
+            problems.append(f"{e.key}: {e}")
         else:
             algo, more = validate_algorithm(section, pm.hook.algorithm_config(), source)
-            problems += more
+            problems += more + (unregistered_names(pm, run) if run is not None else [])
     if problems:
         raise ConfigError(problems, source)
     return Resolved(run, algo, pm, cfg)
