@@ -194,3 +194,138 @@ def test_a_hook_that_raises_names_its_plugin_and_hook_traceback_below(model_dir,
     assert err[first] == 'error: hook compute_advantage of extension plugin "exploding" raised ValueError: boom at the advantage'
     assert err[first + 2] == "Traceback (most recent call last):"
     assert err[-1] == "ValueError: boom at the advantage"
+
+
+# --- 9. non-finite losses are skipped, counted, and stop the run -----------------------------------
+
+
+def test_non_finite_weights_are_refused_before_training(model_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    bad = tmp_path / "nan-model"
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.model.norm.weight[3] = float("nan")
+    model.save_pretrained(bad)
+    (bad / "tokenizer.json").write_bytes((model_dir / "tokenizer.json").read_bytes())
+    for f in model_dir.glob("*token*"):
+        (bad / f.name).write_bytes(f.read_bytes())
+    code, err = _cli(capsys, tiny_config(bad, tmp_path / "run", steps=1, overrides={"algorithm.name": "sft"}), tmp_path)
+    assert code == 2
+    assert err == [f"error: 1 problem(s) in config:", f"  - model.path: {bad} has non-finite (NaN/inf) weights in 1 tensor(s), "
+                   "first 'model.norm.weight'; use an intact checkpoint"]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+class _NaNAdvantage:
+    """Every row's advantage is NaN, so every step's loss and gradient are."""
+
+    @hookimpl(tryfirst=True)
+    def compute_advantage(self, batch, config):
+        return torch.full_like(batch.rewards, float("nan"))
+
+
+def test_a_run_whose_every_step_is_skipped_fails(model_dir, tmp_path):
+    from posttrain.guards import NonFiniteError
+    from posttrain.logging import read_metrics
+
+    cfg = tiny_config(model_dir, tmp_path / "run", steps=2, overrides={"rollout.n": 2})
+    with pytest.raises(NonFiniteError, match=r"^all 2 optimizer step\(s\) of this run had a non-finite loss or gradient "
+                                             r"and were skipped: nothing was trained$"):
+        train(cfg, plugins=[_NaNAdvantage()], base=None)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [(r["train/nonfinite_skipped"], r["train/skipped_steps"]) for r in rows] == [(1.0, 1.0), (1.0, 1.0)]
+    assert not (tmp_path / "run" / "checkpoints").exists()  # no "final checkpoint" of an untrained model
+
+
+def test_consecutive_skipped_steps_stop_the_run(model_dir, tmp_path):
+    from posttrain.guards import NonFiniteError
+    from posttrain.logging import read_metrics
+
+    cfg = tiny_config(model_dir, tmp_path / "run", steps=5, overrides={"rollout.n": 2, "trainer.max_skipped_steps": 2})
+    with pytest.raises(NonFiniteError, match=r"^2 consecutive optimizer steps had a non-finite loss or gradient \(last loss nan"):
+        train(cfg, plugins=[_NaNAdvantage()], base=None)
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1]  # stopped during step 2
+
+
+def test_guard_counts_only_non_finite_skips():
+    from posttrain.guards import NonFiniteError, NonFiniteGuard
+    from posttrain.metrics import Metrics
+
+    g = NonFiniteGuard(2, torch.nn.Linear(2, 2), "m")
+    m = Metrics()
+    g.after_update(float("nan"), True, 0.5, m)
+    g.after_update(120.0, True, 0.5, m)  # skipped above skip_grad_norm_above: finite, resets the count
+    g.after_update(1.0, True, float("inf"), m)
+    g.after_update(1.0, False, 0.3, m)
+    assert m.summary()["train/nonfinite_skipped"] == 2.0 and g.consecutive == 0
+    g.finish()  # some steps trained
+    with pytest.raises(NonFiniteError, match="^2 consecutive"):
+        g.after_update(float("nan"), True, 0.1, m), g.after_update(float("nan"), True, 0.1, m)
+
+
+# --- 10. a verifier timeout is not a wrong answer ---------------------------------------------------
+
+
+def _timed_out_groups():
+    from posttrain.testing import tiny_group
+
+    a = tiny_group([1.0, 0.0, 0.0], uid="a")
+    a.members[2].verify_status = "timeout"
+    b = tiny_group([1.0, 0.0], uid="b")
+    c = tiny_group([0.0, 0.0], uid="c")
+    for t in c.members:
+        t.verify_status = "timeout"
+    return [a, b, c]
+
+
+@pytest.mark.parametrize("policy, kept, rewards_a, dropped", [
+    ("zero", ["a", "b", "c"], [1.0, 0.0, 0.0], (0, 0)),
+    ("drop_member", ["a", "b"], [1.0, 0.0], (3, 1)),  # c lost every sampled answer: the group goes
+    ("drop_group", ["b"], None, (0, 2)),
+])
+def test_timeout_policy(policy, kept, rewards_a, dropped):
+    from posttrain import functional as F
+    from posttrain.guards import apply_timeout_policy
+    from posttrain.metrics import Metrics
+
+    m = Metrics()
+    groups = apply_timeout_policy(_timed_out_groups(), policy, m)
+    assert [g.example.uid for g in groups] == kept
+    if rewards_a is not None:
+        assert groups[0].rewards.tolist() == rewards_a
+        adv = F.group_advantages(groups[0].rewards, torch.zeros(len(rewards_a), dtype=torch.long))
+        # drop_member: the correct answer's advantage against one wrong answer, (1 − 0.5)/std([1, 0]) = 0.7071;
+        # zero: the timeout counts as wrong, (1 − 1/3)/std([1, 0, 0]) = 1.1547
+        assert adv[0].item() == pytest.approx(0.70710 if len(rewards_a) == 2 else 1.15470, abs=1e-4)
+    if policy != "zero":
+        s = m.summary()
+        assert (s["verify/dropped_members"], s["verify/dropped_groups"]) == dropped
+
+
+def test_step_budget_times_out_what_is_left():
+    import math
+    import operator
+    import time
+    from functools import partial
+
+    from posttrain.verify import WorkerPool
+
+    with WorkerPool(operator.methodcaller("__call__"), workers=2, timeout_s=120.0) as pool:
+        pool.map([partial(math.sqrt, 1)] * 2)  # both workers up
+        out = pool.map([partial(math.sqrt, 1), partial(math.sqrt, 4), partial(time.sleep, 120), partial(time.sleep, 120),
+                        partial(math.sqrt, 9)], budget_s=2.0)
+        # the two hangs hold both workers until the budget ends (not timeout_s = 120 s); sqrt(9) never starts
+        assert [o.status for o in out] == ["ok", "ok", "timeout", "timeout", "timeout"]
+        assert [o.value for o in out[:2]] == [1.0, 2.0]
+        assert [o.status for o in pool.map([partial(math.sqrt, 16)])] == ["ok"]  # replaced workers serve the next step
+
+
+def test_every_answer_timing_out_trains_nothing_by_default(model_dir, tmp_path):
+    from posttrain.logging import read_metrics
+
+    over = {"verifier.timeout_s": 0.001, "verifier.workers": 1, "rollout.n": 2}
+    train(tiny_config(model_dir, tmp_path / "run", steps=1, overrides=over), base=None)
+    r = read_metrics(tmp_path / "run" / "metrics.jsonl")[0]
+    assert r["verify/timeouts"] == 8 and r["verify/dropped_members"] == 8 and r["verify/dropped_groups"] == 4
+    assert r["train/empty_batch"] == 1.0

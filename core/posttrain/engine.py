@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
+from . import guards
 from .batching import build_train_batch, micro_batch_rows, minibatches, totals_of, trim_padding
 from .config import RunConfig
 from .data import DataError, PromptSampler, load_examples, render_prompt
@@ -58,6 +59,7 @@ class Engine:
         dtype = getattr(torch, config.model.dtype)
         resume_from = ckpt.latest_checkpoint(self.run_dir) if config.resume == "auto" else None
         self.model = AutoModelForCausalLM.from_pretrained(resume_from or config.model.path, dtype=dtype).to(self.device)
+        self.guard = guards.NonFiniteGuard(config.trainer.max_skipped_steps, self.model, str(resume_from or config.model.path))
         if config.model.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.model.train()
@@ -132,6 +134,7 @@ class Engine:
                     self.save()
             # Decided from our own record, not by listing the directory: every rank must agree
             # (the ZeRO-3 save is collective) and only rank 0 touches the checkpoints.
+            self.guard.finish()
             final = self.save() if self._saved_step != self.step else self._checkpoint_path(self.step)
             dist_utils.barrier()
             return final
@@ -162,10 +165,11 @@ class Engine:
 
         groups = [self.hook.compose_group(group=g, config=self.algo, step=step, metrics=m) for g in groups]
         self.verify(groups, m)
+        groups = guards.apply_timeout_policy(groups, self.cfg.verifier.on_timeout, m)
         self.hook.on_rollout_end(groups=groups, step=step, metrics=m)
         routes = [self.hook.route_group(group=g, config=self.algo, step=step, metrics=m) for g in groups]
         for kind in ("rl", "sft", "mix", "drop"):
-            m.log(f"route/{kind}", sum(r.kind == kind for r in routes) / len(routes))
+            m.log(f"route/{kind}", sum(r.kind == kind for r in routes) / max(1, len(routes)))
 
         batch = build_train_batch(groups, routes, self.tokenizer.pad_token_id)
         if dist_utils.max_int(int(batch is not None)) == 0:  # every prompt dropped (e.g. DYPO on an all-easy batch), on every rank
@@ -230,6 +234,7 @@ class Engine:
             m.log(k, v)
         m.log("loss/total", sum(losses.values()))
         grad_norm, skipped = self.backend.step()
+        self.guard.after_update(grad_norm, skipped, sum(losses.values()), m)
         m.log("train/grad_norm", grad_norm)
         m.log("train/skipped_steps", float(skipped), reduce="sum")
         m.log("train/lr", self.backend.lr, reduce="last")
@@ -270,7 +275,7 @@ class Engine:
         if not todo:
             return
         t = time.perf_counter()
-        results = self._verifier.verify([(mem.text, gold) for mem, gold in todo])
+        results = guards.verify_within_budget(self._verifier, [(mem.text, gold) for mem, gold in todo], self.cfg.verifier.step_budget_s)
         for (mem, _), res in zip(todo, results):
             mem.reward, mem.verify_status = res.reward, res.status
         m.log("verify/timeouts", sum(r.status == "timeout" for r in results), reduce="sum")
