@@ -329,3 +329,54 @@ def test_every_answer_timing_out_trains_nothing_by_default(model_dir, tmp_path):
     r = read_metrics(tmp_path / "run" / "metrics.jsonl")[0]
     assert r["verify/timeouts"] == 8 and r["verify/dropped_members"] == 8 and r["verify/dropped_groups"] == 4
     assert r["train/empty_batch"] == 1.0
+
+
+# --- 2. reused generations are trusted only when unchanged ----------------------------------------
+
+
+def _record(fp="f1", reward=0.0):
+    return {"uid": "u", "fingerprint": fp, "prompt": "1+1=", "gold": "2",
+            "samples": [{"text": "3", "reward": reward, "status": "ok", "answer": "3", "length": 2, "finished": True}]}
+
+
+def test_generation_store_rejects_edited_and_malformed_records(tmp_path):
+    import json
+
+    from posttrain.eval.generations import GenerationStore, checksum
+
+    path = tmp_path / "g.jsonl"
+    with GenerationStore(path) as s:
+        s.add(_record("f1"))
+        s.add(_record("f2"))
+        s.add(_record("f3"))
+    with GenerationStore(path) as s:
+        assert s.rejected == 0 and s.get("f1")["samples"][0]["reward"] == 0.0
+    recs = [json.loads(line) for line in path.read_text().splitlines()]
+    recs[0]["samples"][0]["reward"] = 1.0  # edited: checksum no longer matches
+    recs[1]["samples"][0]["reward"] = "1.0"  # a string reward, checksum recomputed to match
+    recs[1]["checksum"] = checksum(recs[1])
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    with GenerationStore(path) as s:
+        assert s.rejected == 2 and s.get("f1") is None and s.get("f2") is None and s.get("f3") is not None
+    assert [json.loads(line)["fingerprint"] for line in path.read_text().splitlines()] == ["f3"]
+
+
+def test_eval_regenerates_edited_rewards(model_dir, tmp_path):
+    import json
+
+    from posttrain.eval import run_eval
+
+    out = tmp_path / "out"
+    args = dict(overrides=["n=1", "max_new_tokens=4", "max_problems=2", "verifier.workers=1", "progress=false"])
+    first = run_eval([str(model_dir)], ["sample_math"], out, **args)
+    gen = out / "generations" / "m" / "sample_math.jsonl"
+    recs = [json.loads(line) for line in gen.read_text().splitlines()]
+    assert first["results"]["m"]["sample_math"]["avg@1"] == 0.0  # a random tiny model solves nothing
+    for r in recs:
+        for smp in r["samples"]:
+            smp["reward"] = 1.0
+    recs[1]["samples"][0]["reward"] = "yes"
+    gen.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    again = run_eval([str(model_dir)], ["sample_math"], out, **args)
+    assert again["generated"]["m"]["sample_math"] == 2  # neither edited record was reused
+    assert again["results"] == first["results"]
