@@ -380,3 +380,31 @@ def test_eval_regenerates_edited_rewards(model_dir, tmp_path):
     again = run_eval([str(model_dir)], ["sample_math"], out, **args)
     assert again["generated"]["m"]["sample_math"] == 2  # neither edited record was reused
     assert again["results"] == first["results"]
+
+
+# --- 3. the tiny: base model is written atomically ---------------------------------------------------
+
+
+def test_a_torn_tiny_base_model_is_rebuilt(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from posttrain import testing
+    from posttrain.run import materialize_model
+
+    torn = tmp_path / "base-model"
+    torn.mkdir()
+    (torn / "config.json").write_text("{}")  # killed after the first file: used to be taken as built
+    path = materialize_model("tiny:hidden=32,layers=1", tmp_path)
+    assert path == str(torn) and ckpt.is_complete(torn)
+    assert AutoModelForCausalLM.from_pretrained(path).config.hidden_size == 32
+
+    def killed(tmp, **kw):
+        (tmp / "config.json").write_text("{}")
+        raise KeyboardInterrupt  # a kill during the write
+
+    monkeypatch.setattr(testing, "make_tiny_model", killed)
+    with pytest.raises(KeyboardInterrupt):
+        materialize_model("tiny:hidden=32,layers=1", tmp_path / "fresh")
+    assert sorted(p.name for p in (tmp_path / "fresh").iterdir()) == []  # nothing half-written stays in view
+    monkeypatch.undo()
+    assert materialize_model("tiny:hidden=32,layers=1", tmp_path) == path  # complete: reused as is

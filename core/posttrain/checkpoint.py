@@ -19,7 +19,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -223,6 +223,32 @@ def _publish(tmp: Path, final: Path) -> None:
         raise
     _fsync_path(final.parent)
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def build_atomically(final: str | Path, build: Callable[[Path], Any]) -> Path:
+    """Make directory ``final`` the way a checkpoint is saved: ``build(tmp)`` fills a temp sibling,
+    which is fsynced, marked ``COMPLETE`` and renamed into place, replacing an incomplete ``final``
+    (one a killed process left half-written). Callers test ``is_complete(final)`` to skip it."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for d in final.parent.glob(f"{_TMP_PREFIX}{final.name}-*"):  # left by a killed build
+        if _is_stale(d):
+            shutil.rmtree(d, ignore_errors=True)
+    tmp = final.with_name(f"{_TMP_PREFIX}{final.name}-{os.getpid()}")
+    key = tmp.resolve()
+    _in_progress.add(key)
+    try:
+        tmp.mkdir()
+        build(tmp)
+        _fsync_tree(tmp)
+        _mark_complete(tmp, 0)
+        _publish(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        _in_progress.discard(key)
+    return final
 
 
 def prune_checkpoints(run_dir: str | Path, keep_last: int, *, protect: Path | None = None) -> list[Path]:

@@ -71,6 +71,7 @@ def materialize_model(path: str, run_dir: str | Path) -> str:
     in ``run_dir/base-model`` once, so demos and smoke runs need no checkpoint on disk."""
     if not path.startswith("tiny:"):
         return path
+    from .checkpoint import build_atomically, is_complete
     from .testing import make_tiny_model
 
     params = dict(kv.split("=", 1) for kv in path[len("tiny:"):].split(",") if kv)
@@ -79,8 +80,8 @@ def materialize_model(path: str, run_dir: str | Path) -> str:
         raise ConfigError([f"model.path: '{path}': unknown tiny-model parameter(s) {sorted(set(params) - allowed)}; "
                            f"use {sorted(allowed)}"])
     target = Path(run_dir) / "base-model"
-    if not (target / "config.json").exists():
-        make_tiny_model(target, **{k: int(v) for k, v in params.items()})
+    if not is_complete(target):  # also rebuilds one a killed start left half-written
+        build_atomically(target, lambda tmp: make_tiny_model(tmp, **{k: int(v) for k, v in params.items()}))
     return str(target)
 
 
