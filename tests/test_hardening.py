@@ -408,3 +408,16 @@ def test_a_torn_tiny_base_model_is_rebuilt(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "fresh").iterdir()) == []  # nothing half-written stays in view
     monkeypatch.undo()
     assert materialize_model("tiny:hidden=32,layers=1", tmp_path) == path  # complete: reused as is
+
+
+# --- 4. a JSONL line that is not UTF-8 -----------------------------------------------------------------
+
+
+def test_a_non_utf8_jsonl_line_is_named(tmp_path):
+    from posttrain.data import DataError, load_examples
+
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b'{"prompt": "1+1=", "answer": "2"}\n' + '{"prompt": "caf\u00e9", "answer": "1"}\n'.encode("latin-1"))
+    with pytest.raises(DataError) as e:
+        load_examples(str(path))
+    assert str(e.value) == "train.jsonl:2: not UTF-8 (byte 0xe9 at column 16); convert the file to UTF-8"
