@@ -421,3 +421,53 @@ def test_a_non_utf8_jsonl_line_is_named(tmp_path):
     with pytest.raises(DataError) as e:
         load_examples(str(path))
     assert str(e.value) == "train.jsonl:2: not UTF-8 (byte 0xe9 at column 16); convert the file to UTF-8"
+
+
+# --- 8. a prompt longer than the model's context ----------------------------------------------------
+
+
+def _long_prompt_data(tmp_path):
+    import json
+
+    path = tmp_path / "train.jsonl"
+    rows = [{"prompt": "1+1=", "answer": "2"}, {"prompt": "1+" * 240 + "1=", "answer": "241"}]  # 483 characters
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize("policy", ["error", "truncate_left", "skip"])
+def test_overlong_prompt_policy(model_dir, tmp_path, policy):
+    from posttrain.data import DataError
+    from posttrain.logging import read_metrics
+
+    # the tiny model has 512 positions; 483 prompt characters templated are 489 tokens, and 40 new tokens make 529
+    over = {"data.train": _long_prompt_data(tmp_path), "rollout.n": 2, "rollout.max_new_tokens": 40,
+            "trainer.prompts_per_step": 2, "data.overlong_prompt": policy, "data.demo_keys": []}
+    cfg = tiny_config(model_dir, tmp_path / "run", steps=1, overrides=over)
+    if policy == "error":
+        with pytest.raises(DataError) as e:
+            train(cfg, base=None)
+        assert str(e.value) == ("train.jsonl:2: field 'prompt' is 489 tokens after templating; with rollout.max_new_tokens=40 "
+                                "the model's 512 positions leave 472. Shorten it, lower rollout.max_new_tokens, or set "
+                                "data.overlong_prompt=truncate_left | skip")
+        return
+    train(cfg, base=None)
+    r = read_metrics(tmp_path / "run" / "metrics.jsonl")[0]
+    assert r["data/overlong_prompts"] == 1
+    assert r["train/rows"] == (4 if policy == "truncate_left" else 2)  # skip: only the short prompt's 2 rollouts
+
+
+def test_prompt_fit_truncates_to_the_room_left():
+    from types import SimpleNamespace as NS
+
+    from posttrain.guards import PromptFit
+    from posttrain.metrics import Metrics
+
+    cfg = NS(data=NS(overlong_prompt="truncate_left", max_prompt_tokens=1000), rollout=NS(max_new_tokens=3))
+    fit = PromptFit(cfg, NS(max_position_embeddings=8))
+    assert fit(list(range(5)), "a") == [0, 1, 2, 3, 4]  # 5 + 3 = 8 fits
+    assert fit(list(range(7)), "b") == [2, 3, 4, 5, 6]  # the last 5
+    assert PromptFit(cfg, NS(max_position_embeddings=8), rollouts=False)(list(range(7)), "c") == list(range(7))
+    m = Metrics()
+    groups = [NS(example=NS(uid=u)) for u in "abc"]
+    assert fit.drop_skipped(groups, m) == groups and m.summary()["data/overlong_prompts"] == 1

@@ -25,7 +25,7 @@ from . import distributed as dist_utils
 from . import guards
 from .batching import build_train_batch, micro_batch_rows, minibatches, totals_of, trim_padding
 from .config import RunConfig
-from .data import DataError, PromptSampler, load_examples, render_prompt
+from .data import PromptSampler, load_examples, render_prompt
 from .evaluate import evaluate_accuracy
 from .logging import RunLogger, progress
 from .metrics import Metrics
@@ -93,6 +93,7 @@ class Engine:
         self.sampler = PromptSampler(self.examples, config.trainer.prompts_per_step, config.trainer.seed, d.shuffle)
         self.max_len = float(algo.loss_max_len or config.rollout.max_new_tokens) if hasattr(algo, "loss_max_len") else float(config.rollout.max_new_tokens)
         self._prompt_cache: dict[str, list[int]] = {}
+        self.prompt_fit = guards.PromptFit(config, self.model.config, self.needs.rollouts)
 
         self.step = 0
         if resume_from is not None:
@@ -154,6 +155,7 @@ class Engine:
         step = self.step
         # Every rank draws the same prompts and keeps every world-th one (distributed.py explains why).
         groups = [self.make_group(ex) for ex in self.sampler.next_batch()[dist_utils.rank()::self.world]]
+        groups = self.prompt_fit.drop_skipped(groups, m)
 
         if self.needs.rollouts:
             r = self.cfg.rollout
@@ -252,10 +254,7 @@ class Engine:
         if ex.uid not in self._prompt_cache:
             text = render_prompt(self.tokenizer, ex.prompt, template=self.cfg.data.template, system_prompt=self.cfg.data.system_prompt)
             ids = self.tokenizer(text, add_special_tokens=False).input_ids
-            if len(ids) > self.cfg.data.max_prompt_tokens:
-                raise DataError(f"{ex.uid}: field '{self.cfg.data.prompt_key}' is {len(ids)} tokens after templating, "
-                                f"over data.max_prompt_tokens={self.cfg.data.max_prompt_tokens}")
-            self._prompt_cache[ex.uid] = ids
+            self._prompt_cache[ex.uid] = self.prompt_fit(ids, ex.uid, self.cfg.data.prompt_key)
         demos = []
         for i, text in enumerate(ex.demonstrations):
             ids = self.tokenizer(text, add_special_tokens=False).input_ids

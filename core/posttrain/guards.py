@@ -83,3 +83,45 @@ def verify_within_budget(verifier: Any, items: list[tuple[str, str]], budget_s: 
     if budget_s is not None and "budget_s" in inspect.signature(verifier.verify).parameters:
         return verifier.verify(items, budget_s=budget_s)
     return verifier.verify(items)
+
+
+class PromptFit:
+    """``data.overlong_prompt``: a prompt must leave ``rollout.max_new_tokens`` positions of the
+    model's context (``max_position_embeddings``) for the response. Past that, positions the model
+    never learned are used and the run trains on garbage without a word, so: ``error`` names the
+    row; ``truncate_left`` keeps the prompt's last tokens (the question usually ends it);
+    ``skip`` leaves it out of training steps (evaluation still scores it, truncated, so the
+    denominator stays). Either way the prompt is counted in ``data/overlong_prompts``.
+    ``data.max_prompt_tokens`` stays a hard limit whatever the policy."""
+
+    def __init__(self, config: Any, model_config: Any, rollouts: bool = True):
+        self.policy = config.data.overlong_prompt
+        self.max_prompt_tokens = config.data.max_prompt_tokens
+        self.max_new = config.rollout.max_new_tokens if rollouts else 0  # offline: nothing is generated
+        self.context = getattr(model_config, "max_position_embeddings", None)
+        self.room = self.context - self.max_new if self.context else None
+        if self.room is not None and self.room < 1:
+            raise ConfigError([f"rollout.max_new_tokens: {self.max_new} leaves no room for a prompt in the model's "
+                               f"{self.context} positions (max_position_embeddings); lower it"])
+        self.overlong: set[str] = set()  # uids truncated or skipped
+
+    def __call__(self, ids: list[int], uid: str, prompt_key: str = "prompt") -> list[int]:
+        if len(ids) > self.max_prompt_tokens:
+            from .data import DataError
+
+            raise DataError(f"{uid}: field '{prompt_key}' is {len(ids)} tokens after templating, "
+                            f"over data.max_prompt_tokens={self.max_prompt_tokens}")
+        if self.room is None or len(ids) <= self.room:
+            return ids
+        if self.policy == "error":
+            from .data import DataError
+
+            raise DataError(f"{uid}: field '{prompt_key}' is {len(ids)} tokens after templating; with "
+                            f"rollout.max_new_tokens={self.max_new} the model's {self.context} positions leave {self.room}. "
+                            f"Shorten it, lower rollout.max_new_tokens, or set data.overlong_prompt=truncate_left | skip")
+        self.overlong.add(uid)
+        return ids[-self.room:]
+
+    def drop_skipped(self, groups: list[PromptGroup], m: Metrics) -> list[PromptGroup]:
+        m.log("data/overlong_prompts", sum(g.example.uid in self.overlong for g in groups), reduce="sum")
+        return [g for g in groups if g.example.uid not in self.overlong] if self.policy == "skip" else groups

@@ -146,7 +146,7 @@ def overridden_hooks(module: Any) -> list[str]:
     """Names of the hooks a plugin module implements; a PluginError names a misspelt one."""
     pm = pluggy.PluginManager("posttrain")
     pm.add_hookspecs(hookspecs)
-    _register(pm, module, getattr(module, "__name__", "plugin"), "plugins", name_errors=False)
+    pm.register(module, name=getattr(module, "__name__", "plugin"))  # pluggy's own error for a bad signature
     _check_hook_names(pm)
     return sorted(h.name for h in pm.get_hookcallers(module) or [])
 
