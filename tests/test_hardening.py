@@ -51,10 +51,12 @@ def test_a_planted_pickle_in_rng_pt_is_refused_and_never_runs(model_dir, tmp_pat
     train(cfg, base=None)
     rng = tmp_path / "run" / "checkpoints" / "step-000001" / ckpt.RNG_STATE
     marker = tmp_path / "pwned"
-    rng.write_bytes(pickle.dumps({"python": _Planted(marker)}, protocol=2))
+    torch.save({"python": _Planted(marker)}, rng)  # what torch.save writes: the old torch.load ran it
     cfg["trainer"]["steps"] = 2
-    code, err = _cli(capsys, cfg, tmp_path)  # resume: auto finds step 1
-    assert not marker.exists()
+    try:
+        code, err = _cli(capsys, cfg, tmp_path)  # resume: auto finds step 1
+    finally:
+        assert not marker.exists(), "loading the checkpoint ran the planted code"
     assert code == 2
     assert err == [
         f"error: {rng}: refused to load: it holds GLOBAL os.makedirs besides tensors and plain values, "
