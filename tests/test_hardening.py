@@ -473,3 +473,16 @@ def test_prompt_fit_truncates_to_the_room_left():
     m = Metrics()
     groups = [NS(example=NS(uid=u)) for u in "abc"]
     assert fit.drop_skipped(groups, m) == groups and m.summary()["data/overlong_prompts"] == 1
+
+
+def test_no_room_for_a_prompt_is_a_config_error():
+    from types import SimpleNamespace as NS
+
+    from posttrain.config import ConfigError
+    from posttrain.guards import PromptFit
+
+    cfg = NS(data=NS(overlong_prompt="error", max_prompt_tokens=1024), rollout=NS(max_new_tokens=8192))
+    with pytest.raises(ConfigError) as e:  # e.g. stock Qwen2.5-Math-7B (4096 positions) with the papers' 8192
+        PromptFit(cfg, NS(max_position_embeddings=4096))
+    assert e.value.problems == ["rollout.max_new_tokens: 8192 leaves no room for a prompt in the model's 4096 positions "
+                                "(max_position_embeddings); lower it or use a model with a longer context"]

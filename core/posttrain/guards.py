@@ -102,7 +102,7 @@ class PromptFit:
         self.room = self.context - self.max_new if self.context else None
         if self.room is not None and self.room < 1:
             raise ConfigError([f"rollout.max_new_tokens: {self.max_new} leaves no room for a prompt in the model's "
-                               f"{self.context} positions (max_position_embeddings); lower it"])
+                               f"{self.context} positions (max_position_embeddings); lower it or use a model with a longer context"])
         self.overlong: set[str] = set()  # uids truncated or skipped
 
     def __call__(self, ids: list[int], uid: str, prompt_key: str = "prompt") -> list[int]:

@@ -117,7 +117,7 @@ def _naming_errors(fn: Any, hook: str, plugin: str) -> Any:
     def call(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, DataError):  # a user's mistake the plugin diagnosed: already one clear line
+        except (ConfigError, DataError, PluginHookError):  # a user's mistake the plugin diagnosed, or already named
             raise
         except Exception as e:
             kind, _, short = plugin.partition(":")
