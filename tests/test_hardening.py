@@ -195,7 +195,19 @@ def test_a_hook_that_raises_names_its_plugin_and_hook_traceback_below(model_dir,
     first = next(i for i, line in enumerate(err) if line.startswith("error:"))
     assert err[first] == 'error: hook compute_advantage of extension plugin "exploding" raised ValueError: boom at the advantage'
     assert err[first + 2] == "Traceback (most recent call last):"
-    assert err[-1] == "ValueError: boom at the advantage"
+    assert err[-2:] == ["ValueError: boom at the advantage", '(in hook compute_advantage of extension plugin "exploding")']
+
+
+def test_a_raising_hook_keeps_its_exception_type(model_dir, tmp_path, monkeypatch):
+    from posttrain import plugins
+
+    real = plugins.load_plugin_module
+    monkeypatch.setattr(plugins, "load_plugin_module",
+                        lambda name, group=plugins.ALGORITHMS: _Exploding() if name == "exploding" else real(name, group))
+    cfg = tiny_config(model_dir, tmp_path / "run", steps=1, overrides={"extensions": ["exploding"], "rollout.n": 2})
+    with pytest.raises(ValueError, match="^boom at the advantage") as e:  # callers (and torch) still catch by type
+        train(cfg, base=None)
+    assert e.value.posttrain_hook == 'hook compute_advantage of extension plugin "exploding" raised ValueError: boom at the advantage'
 
 
 # --- 9. non-finite losses are skipped, counted, and stop the run -----------------------------------

@@ -11,7 +11,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from .config import ConfigError, RunConfig
-from .plugins import ALGORITHMS, EXTENSIONS, PluginError, PluginHookError, installed, load_plugin_module, overridden_hooks
+from .plugins import ALGORITHMS, EXTENSIONS, HOOK_ATTR, PluginError, installed, load_plugin_module, overridden_hooks
 from .registry import load_registry, repo_root
 
 
@@ -251,11 +251,14 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as e:  # a user's mistake gets the message, not a traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except PluginHookError as e:  # a plugin's bug: which plugin and hook first, its traceback below
+    except Exception as e:
+        where = getattr(e, HOOK_ATTR, None)
+        if where is None:
+            raise
         import traceback
 
-        print(f"error: {e}\n", file=sys.stderr)
-        traceback.print_exception(e.__cause__, file=sys.stderr)
+        print(f"error: {where}\n", file=sys.stderr)  # a plugin's bug: which plugin and hook first, the traceback below
+        traceback.print_exception(e, file=sys.stderr)
         return 1
 
 

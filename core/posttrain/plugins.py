@@ -27,8 +27,8 @@ class PluginError(RuntimeError):
         self.key = key
 
 
-class PluginHookError(RuntimeError):
-    """A plugin's hook raised while running; the original exception is the ``__cause__``."""
+# Set on an exception raised by an installed plugin's hook: which hook of which plugin, one line.
+HOOK_ATTR = "posttrain_hook"
 
 
 @dataclass(frozen=True)
@@ -114,14 +114,19 @@ def _register(pm: pluggy.PluginManager, plugin: Any, name: str, key: str, *, nam
 
 
 def _naming_errors(fn: Any, hook: str, plugin: str) -> Any:
+    kind, _, short = plugin.partition(":")
+
     def call(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, DataError, PluginHookError):  # a user's mistake the plugin diagnosed, or already named
-            raise
         except Exception as e:
-            kind, _, short = plugin.partition(":")
-            raise PluginHookError(f'hook {hook} of {kind} plugin "{short}" raised {type(e).__name__}: {e}') from e
+            # The exception itself is re-raised, type and traceback unchanged (torch uses exceptions
+            # for control flow, e.g. activation checkpointing); it only learns where it came from.
+            if not isinstance(e, (ConfigError, DataError)) and not hasattr(e, HOOK_ATTR):
+                setattr(e, HOOK_ATTR, f'hook {hook} of {kind} plugin "{short}" raised {type(e).__name__}: {e}')
+                if hasattr(e, "add_note"):  # Python 3.11+: shown under the traceback outside the CLI too
+                    e.add_note(f'(in hook {hook} of {kind} plugin "{short}")')
+            raise
 
     return call
 
