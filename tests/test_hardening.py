@@ -102,7 +102,7 @@ def test_bad_values_are_one_line_each_exit_2(model_dir, tmp_path, capsys, monkey
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_model)
     cfg = tiny_config(model_dir, tmp_path / "run", steps=1)
-    code, err = _cli(capsys, cfg, tmp_path, "trainer.lr=0", "rollout.max_new_tokens=0", "verifier.timeout_s=0",
+    code, err = _cli(capsys, cfg, tmp_path, "trainer.lr=-1", "rollout.max_new_tokens=0", "verifier.timeout_s=0",
                      "verifier.workers=0", "verifier.name=maht", "rollout.temperature=0", "trainer.max_skipped_steps=0",
                      "eval.n=0", "trainer.betas=[0.9,1.5]", "verifier.on_timeout=drop", "data.overlong_prompt=cut")
     assert code == 2
@@ -110,7 +110,7 @@ def test_bad_values_are_one_line_each_exit_2(model_dir, tmp_path, capsys, monkey
         "  - rollout.max_new_tokens: must be >= 1, got 0.",
         "  - verifier.timeout_s: must be > 0, got 0.0.",
         "  - verifier.workers: must be >= 1, got 0.",
-        "  - trainer.lr: must be > 0, got 0.0.",
+        "  - trainer.lr: must be >= 0, got -1.0.",
         "  - trainer.max_skipped_steps: must be >= 1, got 0.",
         "  - eval.n: must be >= 1, got 0.",
         "  - rollout.temperature: must be > 0 for training, got 0.0; greedy decoding is for evaluation (eval.temperature=0).",
@@ -123,7 +123,7 @@ def test_bad_values_are_one_line_each_exit_2(model_dir, tmp_path, capsys, monkey
 
 
 @pytest.mark.parametrize("override, line", [
-    ("trainer.lr=-1e-6", "trainer.lr: must be > 0, got -1e-06."),
+    ("trainer.lr=-1e-6", "trainer.lr: must be >= 0, got -1e-06."),
     ("verifier.step_budget_s=0", "verifier.step_budget_s: must be > 0 (or null), got 0.0."),
     ("trainer.grad_clip=0", "trainer.grad_clip: must be > 0 (or null), got 0.0."),
     ("trainer.min_lr_ratio=2", "trainer.min_lr_ratio: must be in [0, 1], got 2.0."),

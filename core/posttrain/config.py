@@ -296,7 +296,7 @@ def _check_ranges(c: RunConfig) -> list[str]:
         ("trainer.ppo_epochs", t.ppo_epochs, ge1, False),
         ("trainer.micro_batch_tokens", t.micro_batch_tokens, ge1, False),
         ("trainer.logprob_chunk", t.logprob_chunk, ge1, False),
-        ("trainer.lr", t.lr, pos, False),
+        ("trainer.lr", t.lr, nonneg, False),  # 0 is a frozen run (a stage that must keep its weights)
         ("trainer.weight_decay", t.weight_decay, nonneg, False),
         ("trainer.warmup_steps", t.warmup_steps, nonneg, False),
         ("trainer.min_lr_ratio", t.min_lr_ratio, unit, False),
