@@ -14,11 +14,12 @@ One host writes a run directory (rank 0): temp-dir ownership is judged by proces
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -39,9 +40,17 @@ _in_progress: set[Path] = set()
 # --- RNG ---------------------------------------------------------------------------------------
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be trusted or read; the message names the file and the fix."""
+
+
 def rng_state() -> dict:
-    """Python, numpy (global) and torch CPU generators, plus every CUDA device's when CUDA is up."""
-    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
+    """Python, numpy (global) and torch CPU generators, plus every CUDA device's when CUDA is up.
+
+    Only tensors and plain values (lists, tuples, numbers, strings), so that the file loads with
+    ``torch.load(weights_only=True)``: numpy's key array is stored as a list of ints."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {"python": random.getstate(), "numpy": (name, keys.tolist(), pos, has_gauss, gauss),
                              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -51,7 +60,8 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     """Restore what ``rng_state`` captured. CUDA states are restored for the devices both runs have."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     cuda = state.get("cuda")
     if cuda and torch.cuda.is_available():
@@ -227,6 +237,32 @@ def _publish(tmp: Path, final: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
+def build_atomically(final: str | Path, build: Callable[[Path], Any]) -> Path:
+    """Make directory ``final`` the way a checkpoint is saved: ``build(tmp)`` fills a temp sibling,
+    which is fsynced, marked ``COMPLETE`` and renamed into place, replacing an incomplete ``final``
+    (one a killed process left half-written). Callers test ``is_complete(final)`` to skip it."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for d in final.parent.glob(f"{_TMP_PREFIX}{final.name}-*"):  # left by a killed build
+        if _is_stale(d):
+            shutil.rmtree(d, ignore_errors=True)
+    tmp = final.with_name(f"{_TMP_PREFIX}{final.name}-{os.getpid()}")
+    key = tmp.resolve()
+    _in_progress.add(key)
+    try:
+        tmp.mkdir()
+        build(tmp)
+        _fsync_tree(tmp)
+        _mark_complete(tmp, 0)
+        _publish(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        _in_progress.discard(key)
+    return final
+
+
 def prune_checkpoints(run_dir: str | Path, keep_last: int, *, protect: Path | None = None) -> list[Path]:
     """Delete all but the newest ``keep_last`` (at least 1) complete checkpoints; returns the deleted."""
     done = _complete_checkpoints(_root(run_dir))
@@ -256,10 +292,32 @@ def load_checkpoint_state(ckpt_dir: str | Path) -> tuple[dict, dict]:
     ckpt_dir = Path(ckpt_dir)
     if not is_complete(ckpt_dir):
         raise FileNotFoundError(f"{ckpt_dir}: not a complete checkpoint (no {COMPLETE} marker)")
-    # weights_only=False: the files hold numpy RNG tuples and arbitrary caller state we wrote ourselves.
-    trainer_state = torch.load(ckpt_dir / TRAINER_STATE, map_location="cpu", weights_only=False)
-    rng = torch.load(ckpt_dir / RNG_STATE, map_location="cpu", weights_only=False)
-    return trainer_state, rng
+    return safe_load(ckpt_dir / TRAINER_STATE), safe_load(ckpt_dir / RNG_STATE)
+
+
+def _numpy_array_globals() -> list:
+    """What unpickling a numeric numpy array needs: older checkpoints stored numpy's RNG key
+    array as an ndarray (transformers' Trainer allow-lists the same for its rng files)."""
+    core = getattr(np, "_core", None) or np.core
+    dtypes = [type(np.dtype(t)) for t in (np.uint32, np.int64, np.float64)]
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, *dtypes]
+
+
+def safe_load(path: str | Path) -> Any:
+    """``torch.load(weights_only=True)``: tensors, plain containers and numeric numpy arrays only.
+
+    Anything else in the file (a pickled object whose loading could run code) is refused with a
+    ``CheckpointError``; nothing from it is executed."""
+    path = Path(path)
+    try:
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message is a page long; its first "GLOBAL ..." names what was refused.
+        what = re.search(r"GLOBAL [\w.]+", str(e))
+        raise CheckpointError(
+            f"{path}: refused to load: it holds {what.group(0) if what else 'an object'} besides tensors and plain "
+            f"values, and unpickling it could run code; delete this checkpoint directory or set resume=never") from None
 
 
 def export_hf(ckpt_dir: str | Path, out_dir: str | Path) -> Path:

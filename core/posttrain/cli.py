@@ -18,14 +18,15 @@ from . import threads
 threads.prepare_environment()
 
 from .config import ConfigError, RunConfig  # noqa: E402
-from .plugins import ALGORITHMS, EXTENSIONS, PluginError, installed, load_plugin_module, overridden_hooks  # noqa: E402
+from .plugins import ALGORITHMS, EXTENSIONS, HOOK_ATTR, PluginError, installed, load_plugin_module, overridden_hooks  # noqa: E402
 from .registry import load_registry, repo_root  # noqa: E402
 
 
 def _user_errors():
+    from .checkpoint import CheckpointError
     from .data import DataError
 
-    return (ConfigError, PluginError, DataError, FileNotFoundError)
+    return (ConfigError, PluginError, DataError, CheckpointError, FileNotFoundError)
 
 
 def apply_threads(value: object, key: str) -> None:
@@ -382,6 +383,15 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as e:  # a user's mistake gets the message, not a traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        where = getattr(e, HOOK_ATTR, None)
+        if where is None:
+            raise
+        import traceback
+
+        print(f"error: {where}\n", file=sys.stderr)  # a plugin's bug: which plugin and hook first, the traceback below
+        traceback.print_exception(e, file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -66,6 +66,7 @@ class DataConfig:
     template: Optional[str] = help_field(None, "Prompt template with {prompt}; None uses the tokenizer's chat template.")
     system_prompt: Optional[str] = help_field(None, "System message for the chat template (e.g. LUFFY/SRFT's).")
     max_prompt_tokens: int = help_field(1024, "Prompts longer than this (after templating) raise an error naming the row.")
+    overlong_prompt: str = help_field("error", "A prompt that does not fit the model's context (max_position_embeddings) with rollout.max_new_tokens after it: error (name the row) | truncate_left (keep its last tokens) | skip (leave it out of the step); counted as data/overlong_prompts.")
     max_demo_tokens: int = help_field(8192, "Demonstrations are cut to this many tokens (EOS is then not appended).")
     shuffle: bool = help_field(True, "Shuffle prompts each epoch (seeded by trainer.seed).")
     offline: Optional[str] = help_field(None, "A second source of prompts with demonstrations (same formats as data.train), drawn every step besides data.train as offline groups (group.source='offline': no rollouts by default, SFT on their first demonstration unless the algorithm routes them otherwise).")
@@ -92,6 +93,8 @@ class VerifierConfig:
     name: str = help_field("math", "Verifier: math (math-verify) | exact | choice.")
     timeout_s: float = help_field(10.0, "Hard wall-clock limit per answer; the worker is killed and replaced past it.")
     workers: int = help_field(2, "Verifier worker processes.")
+    on_timeout: str = help_field("drop_member", "A timed-out answer: drop_member (left out of its group's statistics and of training) | drop_group (its whole group is left out) | zero (scored 0, like a wrong answer).")
+    step_budget_s: Optional[float] = help_field(None, "Wall-clock budget for verifying one training step's answers; answers not checked within it time out (see on_timeout). None: no budget beyond timeout_s per answer.")
 
 
 @dataclass
@@ -112,6 +115,7 @@ class TrainerConfig:
     min_lr_ratio: float = help_field(0.0, "Cosine floor as a fraction of lr.")
     grad_clip: Optional[float] = help_field(1.0, "Clip the global gradient norm to this; None disables.")
     skip_grad_norm_above: Optional[float] = help_field(None, "Skip (and count) a step whose pre-clip grad norm is non-finite or above this (HPT: 80).")
+    max_skipped_steps: int = help_field(3, "Stop with an error after this many consecutive optimizer steps skipped for a non-finite loss or gradient (train/nonfinite_skipped).")
     seed: int = help_field(0, "Seeds python, numpy, torch and the data order.")
     threads: str = help_field("auto", "CPU intra-op threads per process: auto (the CPUs this process may use, shared among the ranks on this host; one core left free from 8 cores up; OMP_NUM_THREADS wins over auto) | N. Set once per run at the top level, by the posttrain command (README \"CPU threads\").")
     device: str = help_field("auto", "auto | cpu | cuda.")
@@ -294,6 +298,7 @@ def _omegaconf_message(e: OmegaConfBaseException) -> str:
 
 def _check_core_values(c: RunConfig) -> list[str]:
     p = []
+    p += _check_ranges(c)
     if c.rollout.n < 1:
         p.append(f"rollout.n: must be >= 1, got {c.rollout.n}.")
     if not 0 < c.rollout.top_p <= 1:
@@ -336,6 +341,61 @@ def _check_core_values(c: RunConfig) -> list[str]:
     return p
 
 
+def _check_ranges(c: RunConfig) -> list[str]:
+    """The numeric fields' ranges and the closed choices not checked elsewhere, one line each."""
+    pos, nonneg, ge1 = (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0"), (lambda v: v >= 1, ">= 1")
+    unit = (lambda v: 0 <= v <= 1, "in [0, 1]")
+    r, v, t, e = c.rollout, c.verifier, c.trainer, c.eval
+    checks = [  # (key, value, (test, requirement), None allowed)
+        ("data.max_prompt_tokens", c.data.max_prompt_tokens, ge1, False),
+        ("data.max_demo_tokens", c.data.max_demo_tokens, ge1, False),
+        ("rollout.max_new_tokens", r.max_new_tokens, ge1, False),
+        ("rollout.batch_size", r.batch_size, ge1, False),
+        ("verifier.timeout_s", v.timeout_s, pos, False),
+        ("verifier.workers", v.workers, ge1, False),
+        ("verifier.step_budget_s", v.step_budget_s, pos, True),
+        ("trainer.ppo_epochs", t.ppo_epochs, ge1, False),
+        ("trainer.micro_batch_tokens", t.micro_batch_tokens, ge1, False),
+        ("trainer.logprob_chunk", t.logprob_chunk, ge1, False),
+        ("trainer.lr", t.lr, nonneg, False),  # 0 is a frozen run (a stage that must keep its weights)
+        ("trainer.weight_decay", t.weight_decay, nonneg, False),
+        ("trainer.warmup_steps", t.warmup_steps, nonneg, False),
+        ("trainer.min_lr_ratio", t.min_lr_ratio, unit, False),
+        ("trainer.grad_clip", t.grad_clip, pos, True),
+        ("trainer.skip_grad_norm_above", t.skip_grad_norm_above, pos, True),
+        ("trainer.max_skipped_steps", t.max_skipped_steps, ge1, False),
+        ("eval.every", e.every, nonneg, False),
+        ("eval.n", e.n, ge1, False),
+        ("eval.temperature", e.temperature, nonneg, False),
+        ("eval.max_new_tokens", e.max_new_tokens, ge1, True),
+        ("eval.max_prompts", e.max_prompts, ge1, True),
+        ("logging.console_every", c.logging.console_every, ge1, False),
+        ("save_every", c.save_every, nonneg, False),
+        ("keep_checkpoints", c.keep_checkpoints, nonneg, True),
+    ]
+    p = [f"{key}: must be {need}{' (or null)' if nullable else ''}, got {value}."
+         for key, value, (ok, need), nullable in checks if not (value is None and nullable) and not (value is not None and ok(value))]
+    if not r.temperature > 0:
+        # The trainer's log-probs are of softmax(logits / T): T = 0 has none, and n greedy samples
+        # of one prompt are one answer n times (zero advantage), so training needs sampling.
+        p.append(f"rollout.temperature: must be > 0 for training, got {r.temperature}; greedy decoding is for evaluation (eval.temperature=0).")
+    if not 0 < e.top_p <= 1:
+        p.append(f"eval.top_p: must be in (0, 1], got {e.top_p}.")
+    betas = list(t.betas)
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+        p.append(f"trainer.betas: must be two numbers in [0, 1), got {betas}.")
+    choices = [("model.dtype", c.model.dtype, ("float32", "bfloat16", "float16")),
+               ("data.overlong_prompt", c.data.overlong_prompt, OVERLONG_PROMPT_POLICIES),
+               ("verifier.on_timeout", v.on_timeout, TIMEOUT_POLICIES),
+               ("trainer.device", t.device.split(":")[0], ("auto", "cpu", "cuda", "mps"))]
+    for key, value, allowed in choices:
+        if value not in allowed:
+            p.append(f"{key}: '{value}' is not {' | '.join(allowed)}.{_suggest(value, list(allowed))}")
+    return p
+
+
+OVERLONG_PROMPT_POLICIES = ("error", "truncate_left", "skip")
+TIMEOUT_POLICIES = ("drop_member", "drop_group", "zero")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "token-sum-norm")
 
 

@@ -24,10 +24,10 @@ from omegaconf import OmegaConf
 
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
-from . import interrupt, stage_state
+from . import guards, interrupt, stage_state
 from .batching import build_train_batch, micro_batch_rows, minibatches, totals_of, trim_padding
 from .config import RunConfig
-from .data import DataError, PromptSampler, load_examples, render_prompt
+from .data import PromptSampler, load_examples, render_prompt
 from .eval.heldout import evaluate_in_training
 from .logging import NullLogger, RunLogger, on_terminal, progress
 from .lora import build_models
@@ -63,6 +63,7 @@ class Engine:
         resume_from = ckpt.latest_checkpoint(self.run_dir) if config.resume == "auto" else None
         self.model, self.reference = build_models(config, device=self.device, resume_from=resume_from,
                                                   needs_reference=self.needs.reference or self.needs.reference_vocab)
+        self.guard = guards.NonFiniteGuard(config.trainer.max_skipped_steps, self.model, str(resume_from or config.model.path))
 
         self.updates_per_step = self._updates_per_rollout_step()
         backends = build_registry(pm, "register_trainer_backends")
@@ -92,6 +93,7 @@ class Engine:
             self.offline_sampler = PromptSampler(offline, d.offline_per_step, config.trainer.seed + 1, d.shuffle)
         self.max_len = float(algo.loss_max_len or config.rollout.max_new_tokens) if hasattr(algo, "loss_max_len") else float(config.rollout.max_new_tokens)
         self._prompt_cache: dict[str, list[int]] = {}
+        self.prompt_fit = guards.PromptFit(config, self.model.config, self.needs.rollouts)
 
         self.step = stage_state.restore(self, resume_from) if resume_from is not None else 0
         self._saved_step = self.step if resume_from is not None else None
@@ -125,6 +127,7 @@ class Engine:
                     break
             # Decided from our own record, not by listing the directory: every rank must agree
             # (the ZeRO-3 save is collective) and only rank 0 touches the checkpoints.
+            self.guard.finish()
             final = self.save() if self._saved_step != self.step else self._checkpoint_path(self.step)
             dist_utils.barrier()
             return final
@@ -188,9 +191,9 @@ class Engine:
         plan = self.hook.plan_step(config=self.algo, step=step, metrics=m) or StepPlan()
         sampling = self.needs.rollouts and plan.rollouts
         n_prompts = self.cfg.trainer.prompts_per_step if plan.prompts is None else plan.prompts
-        fresh = self.draw(self.sampler, n_prompts, "train")
+        fresh = self.draw(self.sampler, n_prompts, "train", m)
         if self.offline_sampler is not None:
-            fresh += self.draw(self.offline_sampler, self.cfg.data.offline_per_step, "offline")
+            fresh += self.draw(self.offline_sampler, self.cfg.data.offline_per_step, "offline", m)
         for added in self.hook.add_groups(config=self.algo, step=step, metrics=m, make_group=self.make_group):
             fresh += list(added or [])
         params = SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens)
@@ -206,16 +209,17 @@ class Engine:
             if rounds == self.cfg.trainer.max_sampling_rounds:
                 m.log("plan/rounds_capped", 1.0)
                 break
-            fresh = self.draw(self.sampler, more * self.world, "train")
+            fresh = self.draw(self.sampler, more * self.world, "train", m)
         m.log("plan/rounds", float(rounds))
         m.log("plan/groups", float(len(kept)))
         log_rewards(generated, m)
         self.hook.on_rollout_end(groups=kept, step=step, metrics=m)
         return kept
 
-    def draw(self, sampler: PromptSampler, n: int, source: str) -> list[PromptGroup]:
+    def draw(self, sampler: PromptSampler, n: int, source: str, m: Metrics) -> list[PromptGroup]:
         # Every rank draws the same prompts and keeps every world-th one (distributed.py explains why).
-        return [self.make_group(ex, source) for ex in sampler.next_batch(n)[dist_utils.rank()::self.world]] if n else []
+        drawn = [self.make_group(ex, source) for ex in sampler.next_batch(n)[dist_utils.rank()::self.world]] if n else []
+        return self.prompt_fit.drop_skipped(drawn, m)  # data.overlong_prompt: skip
 
     def sample(self, groups: list[PromptGroup], sampling: bool, params: SamplingParams, m: Metrics) -> list[PromptGroup]:
         """Roll out what ``rollout_requests`` asks for, then compose and verify every group."""
@@ -236,7 +240,7 @@ class Engine:
                 log_rollouts([groups[i] for i in todo], time.perf_counter() - t_roll, m)
         groups = [self.hook.compose_group(group=g, config=self.algo, step=step, metrics=m) for g in groups]
         self.verify(groups, m)
-        return groups
+        return guards.apply_timeout_policy(groups, self.cfg.verifier.on_timeout, m)
 
     def update(self, mb: TrainBatch | None, m: Metrics) -> None:
         """One optimizer step on a mini-batch, accumulated over micro-batches.
@@ -270,6 +274,7 @@ class Engine:
             m.log(k, v)
         m.log("loss/total", sum(losses.values()))
         grad_norm, skipped = self.backend.step()
+        self.guard.after_update(grad_norm, skipped, sum(losses.values()), m)
         m.log("train/grad_norm", grad_norm)
         m.log("train/skipped_steps", float(skipped), reduce="sum")
         m.log("train/lr", self.backend.lr, reduce="last")
@@ -300,10 +305,7 @@ class Engine:
         if ex.uid not in self._prompt_cache:
             text = render_prompt(self.tokenizer, ex.prompt, template=self.cfg.data.template, system_prompt=self.cfg.data.system_prompt)
             ids = self.tokenizer(text, add_special_tokens=False).input_ids
-            if len(ids) > self.cfg.data.max_prompt_tokens:
-                raise DataError(f"{ex.uid}: field '{self.cfg.data.prompt_key}' is {len(ids)} tokens after templating, "
-                                f"over data.max_prompt_tokens={self.cfg.data.max_prompt_tokens}")
-            self._prompt_cache[ex.uid] = ids
+            self._prompt_cache[ex.uid] = self.prompt_fit(ids, ex.uid, self.cfg.data.prompt_key)
         demos = []
         for i, text in enumerate(ex.demonstrations):
             ids = self.tokenizer(text, add_special_tokens=False).input_ids
@@ -323,7 +325,7 @@ class Engine:
         if not todo:
             return
         t = time.perf_counter()
-        results = self._verifier.verify([(mem.text, gold) for mem, gold in todo])
+        results = guards.verify_within_budget(self._verifier, [(mem.text, gold) for mem, gold in todo], self.cfg.verifier.step_budget_s)
         for (mem, _), res in zip(todo, results):
             mem.reward, mem.verify_status = res.reward, res.status
         m.log("verify/timeouts", sum(r.status == "timeout" for r in results), reduce="sum")

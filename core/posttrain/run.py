@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import checkpoint as ckpt
 from . import interrupt
 from .config import ConfigError, RunConfig, load_yaml, merge_layers, stage_configs, validate_algorithm, validate_core
-from .plugins import PluginError, bind_plugins, make_plugin_manager
+from .plugins import PluginError, bind_plugins, make_plugin_manager, unregistered_names
 
 
 @dataclass
@@ -48,15 +48,15 @@ def resolve(cfg: DictConfig, *, plugins: Iterable[Any] = (), source: str = "conf
         try:
             pm = make_plugin_manager(name, list(cfg.get("extensions") or []), plugins)
         except PluginError as e:
-            problems.append(f"algorithm.name: {e}")
+            problems.append(f"{e.key}: {e}")
         else:
             algo, more = validate_algorithm(section, pm.hook.algorithm_config(), source)
-            problems += more
+            problems += more + (unregistered_names(pm, run) if run is not None else [])
             if not more:
                 try:
                     bind_plugins(pm, algo)  # class plugins: one instance per stage, from the validated config
                 except PluginError as e:
-                    problems.append(f"algorithm.name: {e}")
+                    problems.append(f"{e.key}: {e}")
     if problems:
         raise ConfigError(problems, source)
     return Resolved(run, algo, pm, cfg)
@@ -95,12 +95,13 @@ def materialize_model(path: str, run_dir: str | Path) -> str:
     in ``run_dir/base-model`` once, so demos and smoke runs need no checkpoint on disk."""
     if not path.startswith("tiny:"):
         return path
+    from .checkpoint import build_atomically, is_complete
     from .tiny import make_tiny_model
 
     params = _tiny_params(path)
     target = Path(run_dir) / "base-model"
-    if not (target / "config.json").exists():
-        make_tiny_model(target, **{k: int(v) for k, v in params.items()})
+    if not is_complete(target):  # also rebuilds one a killed start left half-written
+        build_atomically(target, lambda tmp: make_tiny_model(tmp, **{k: int(v) for k, v in params.items()}))
     return str(target)
 
 

@@ -42,9 +42,9 @@ def restore(engine: Any, resume_from: Path) -> int:
     if engine.offline_sampler is not None and "offline_sampler" in state:
         engine.offline_sampler.load_state_dict(state["offline_sampler"])
     own_rng = shards / _rng_file(dist_utils.rank())
-    ckpt.set_rng_state(torch.load(own_rng, weights_only=False) if own_rng.is_file() else rng)
+    ckpt.set_rng_state(ckpt.safe_load(own_rng) if own_rng.is_file() else rng)
     own_plugins = shards / _plugin_file(dist_utils.rank())
-    load_plugin_state(engine.pm, torch.load(own_plugins, weights_only=True) if own_plugins.is_file() else state.get("plugins", {}))
+    load_plugin_state(engine.pm, ckpt.safe_load(own_plugins) if own_plugins.is_file() else state.get("plugins", {}))
     return state["step"]
 
 

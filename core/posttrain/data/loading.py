@@ -41,8 +41,13 @@ def _rows(source: str) -> Iterator[tuple[str, dict]]:
         for i, row in enumerate(pq.read_table(path).to_pylist()):
             yield f"{path.name}:row {i}", row
     elif path.suffix in (".jsonl", ".json"):
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
+        with open(path, "rb") as f:  # decoded line by line, so an undecodable byte is reported with its line
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path.name}:{n}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                    f"convert the file to UTF-8") from None
                 if not line.strip():
                     continue
                 try:

@@ -6,16 +6,25 @@ A line: ``{"uid", "fingerprint", "prompt", "gold", "samples": [{"text", "reward"
 "answer", "length", "finished"}, ...]}``. The fingerprint hashes everything that shapes the
 samples (model weights' identity, sampling settings, verifier, the problem's uid, prompt and
 gold), so a re-run reuses a line only if it would have generated it the same way.
+
+Each line also carries a ``checksum`` of the rest of it. A line whose checksum does not match
+(edited by hand or by a tool, e.g. every ``reward`` set to 1.0), or whose samples do not have
+the fields and types above, is not trusted: it is dropped and that problem is generated and
+verified again. Lines written before checksums existed are regenerated the same way.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from ..data import DataError
+
+log = logging.getLogger(__name__)
+_SAMPLE_TYPES = {"text": str, "reward": (int, float), "status": str, "length": int, "finished": bool}
 
 
 def fingerprint(settings: dict[str, Any], uid: str, prompt: str, gold: str) -> str:
@@ -31,6 +40,20 @@ def model_identity(path: str | Path) -> str:
     return hashlib.sha256(json.dumps([str(p), files]).encode()).hexdigest()[:16]
 
 
+def checksum(record: dict) -> str:
+    body = {k: v for k, v in record.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _trusted(rec: dict) -> bool:
+    """Written by ``add`` and unchanged since: checksum matches, samples well-formed."""
+    if rec.get("checksum") != checksum(rec) or not isinstance(rec.get("samples"), list):
+        return False
+    return all(isinstance(s, dict) and "answer" in s
+               and all(isinstance(s.get(k), t) and not (k == "reward" and isinstance(s[k], bool)) for k, t in _SAMPLE_TYPES.items())
+               for s in rec["samples"])
+
+
 class GenerationStore:
     """Reads the finished records of a file (``resume=True``) and appends new ones."""
 
@@ -38,8 +61,15 @@ class GenerationStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.records: dict[str, dict] = {}  # fingerprint → record
+        self.rejected = 0  # records not trusted on resume (generated again)
         if resume and self.path.exists():
-            self.records = {r["fingerprint"]: r for r in self._read()}
+            read = self._read()
+            trusted = [r for r in read if _trusted(r)]
+            self.records = {r["fingerprint"]: r for r in trusted}
+            self.rejected = len(read) - len(trusted)
+            if self.rejected:
+                log.warning("%s: %d record(s) fail their checksum or are malformed; those problems are generated again",
+                            self.path, self.rejected)
         # Rewrite with only what is kept (drops a torn last line); atomic, like metrics.jsonl.
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records.values()))
@@ -67,6 +97,7 @@ class GenerationStore:
         return self.records.get(fp)
 
     def add(self, record: dict) -> None:
+        record = {**record, "checksum": checksum(record)}
         self.records[record["fingerprint"]] = record
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()

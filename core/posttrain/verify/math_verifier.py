@@ -152,14 +152,15 @@ class MathVerifier:
                                 soft_timeout_s=0.75 * self.timeout_s, initializer=warm_up)
         self.stats: dict[str, int] = {"answers": 0, "timeouts": 0, "errors": 0}
 
-    def verify(self, items: list[tuple[str, str]]) -> list[VerifyResult]:
+    def verify(self, items: list[tuple[str, str]], budget_s: float | None = None) -> list[VerifyResult]:
+        """``budget_s``: wall-clock for all the items; those not checked within it time out."""
         if not items:
             return []
         self._pool.start()  # even if this batch is all plain numbers: the next may not be, and start-up is slow
         tasks = [("" if r is None else str(r), "" if g is None else str(g)) for r, g in items]
         fast = [fast_numeric(r, g) for r, g in tasks]
         slow = [i for i, f in enumerate(fast) if f is None]
-        outcomes = iter(self._pool.map([tasks[i] for i in slow]))
+        outcomes = iter(self._pool.map([tasks[i] for i in slow], budget_s=budget_s))
         results = [VerifyResult(f) if f is not None else _to_result(next(outcomes)) for f in fast]
         self.stats["answers"] += len(results)
         self.stats["timeouts"] += sum(r.status == "timeout" for r in results)

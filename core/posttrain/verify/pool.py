@@ -250,7 +250,9 @@ class WorkerPool:
 
     # --- the batch loop -------------------------------------------------------------------------
 
-    def map(self, args: Sequence[Any]) -> list[Outcome]:
+    def map(self, args: Sequence[Any], budget_s: Optional[float] = None) -> list[Outcome]:
+        """``budget_s``: wall-clock for the whole batch, counted from its first task handed out;
+        tasks running or waiting when it ends are ``"timeout"``."""
         args = list(args)
         if not args:
             return []
@@ -258,7 +260,7 @@ class WorkerPool:
             if self._closed:
                 raise RuntimeError("WorkerPool is closed")
             try:
-                results = self._run_batch(args)
+                results = self._run_batch(args, budget_s)
             finally:
                 # Interrupted mid-batch (KeyboardInterrupt...): a busy worker would later answer a
                 # task of this batch as if it were the next batch's, so it cannot be kept.
@@ -269,8 +271,9 @@ class WorkerPool:
         self.stats["errors"] += sum(r.status == "error" for r in results)
         return results
 
-    def _run_batch(self, args: list[Any]) -> list[Outcome]:
+    def _run_batch(self, args: list[Any], budget_s: Optional[float] = None) -> list[Outcome]:
         results: list[Optional[Outcome]] = [None] * len(args)
+        budget_end = float("inf")  # set when the first task starts: worker start-up is not charged
         pending = deque(range(len(args)))
         start_failures, last_start_error = 0, ""
         # A worker that died between batches (OOM killer, a stray signal) is replaced before it is
@@ -298,7 +301,9 @@ class WorkerPool:
                 except Exception:  # an argument does not pickle; nothing was sent
                     pending.extendleft(reversed(self._unpicklable(args, run, results)))
                     continue
-                w.tasks, w.deadline = deque(run), now + self.timeout_s
+                if budget_s is not None and budget_end == float("inf"):
+                    budget_end = now + budget_s
+                w.tasks, w.deadline = deque(run), min(now + self.timeout_s, budget_end)
 
             # 2. Wait for an answer, a death, or the nearest deadline.
             waitables: dict[Any, _Worker] = {}
@@ -307,6 +312,7 @@ class WorkerPool:
                 waitables[w.process.sentinel] = w
             deadlines = [w.deadline for w in self._workers if w.tasks]
             deadlines += [w.started_at + self.start_timeout_s for w in self._workers if not w.ready]
+            deadlines += [budget_end] if pending and budget_end < float("inf") else []
             timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
             if waitables:
                 ready = wait(list(waitables), timeout=timeout)
@@ -345,7 +351,7 @@ class WorkerPool:
                         else:
                             results[i] = Outcome("error", error=str(payload))
                         # The next task of the run starts now: its own full timeout.
-                        w.deadline = time.monotonic() + self.timeout_s if w.tasks else float("inf")
+                        w.deadline = min(time.monotonic() + self.timeout_s, budget_end) if w.tasks else float("inf")
                 if msgs or w not in self._workers:
                     continue
                 if w.process.is_alive() and not w.conn.closed:
@@ -373,6 +379,11 @@ class WorkerPool:
                     start_failures += 1
                     last_start_error = f"worker not ready after {self.start_timeout_s:.0f} s"
                     self._remove(w)
+
+            if pending and now >= budget_end:  # the batch's budget is spent: nothing more starts
+                for i in pending:
+                    results[i] = Outcome("timeout")
+                pending.clear()
 
             # 5. Keep the pool at full strength, unless workers cannot start at all.
             if start_failures >= self.max_start_failures and not any(w.ready for w in self._workers):
