@@ -79,3 +79,14 @@ def test_totals_are_summed_over_ranks_but_max_len_is_not(tmp_path):
     mp.spawn(_totals_worker, args=(2, str(tmp_path / "s2"), str(tmp_path / "b"), [16.0, 32.0]), nprocs=2)
     err = json.loads((tmp_path / "b.0").read_text())["error"]
     assert err == "Totals.max_len must be the same on every rank, got 16.0 … 32.0"
+
+
+def test_launch_module_is_the_command_line_for_the_deepspeed_launcher():
+    import subprocess
+    import sys
+
+    # The DeepSpeed launcher appends --local_rank; python -m posttrain.launch drops it and runs the CLI.
+    out = subprocess.run([sys.executable, "-m", "posttrain.launch", "--local_rank=0", "ls"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "grpo" in out.stdout and "dapo" in out.stdout

@@ -110,7 +110,7 @@ def test_bad_values_are_one_line_each_exit_2(model_dir, tmp_path, capsys, monkey
         "  - rollout.max_new_tokens: must be >= 1, got 0.",
         "  - verifier.timeout_s: must be > 0, got 0.0.",
         "  - verifier.workers: must be >= 1, got 0.",
-        "  - trainer.lr: must be >= 0, got -1.0.",
+        "  - trainer.lr: must be > 0, got -1.0.",
         "  - trainer.max_skipped_steps: must be >= 1, got 0.",
         "  - eval.n: must be >= 1, got 0.",
         "  - rollout.temperature: must be > 0 for training, got 0.0; greedy decoding is for evaluation (eval.temperature=0).",
@@ -123,7 +123,9 @@ def test_bad_values_are_one_line_each_exit_2(model_dir, tmp_path, capsys, monkey
 
 
 @pytest.mark.parametrize("override, line", [
-    ("trainer.lr=-1e-6", "trainer.lr: must be >= 0, got -1e-06."),
+    ("trainer.lr=-1e-6", "trainer.lr: must be > 0, got -1e-06."),
+    ("trainer.lr=0", "trainer.lr: must be > 0, got 0.0."),
+    ("trainer.max_sampling_rounds=0", "trainer.max_sampling_rounds: must be >= 1, got 0."),
     ("verifier.step_budget_s=0", "verifier.step_budget_s: must be > 0 (or null), got 0.0."),
     ("trainer.grad_clip=0", "trainer.grad_clip: must be > 0 (or null), got 0.0."),
     ("trainer.min_lr_ratio=2", "trainer.min_lr_ratio: must be in [0, 1], got 2.0."),
@@ -402,7 +404,7 @@ def test_eval_regenerates_edited_rewards(model_dir, tmp_path):
 def test_a_torn_tiny_base_model_is_rebuilt(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from posttrain import testing
+    from posttrain import tiny
     from posttrain.run import materialize_model
 
     torn = tmp_path / "base-model"
@@ -416,7 +418,7 @@ def test_a_torn_tiny_base_model_is_rebuilt(tmp_path, monkeypatch):
         (tmp / "config.json").write_text("{}")
         raise KeyboardInterrupt  # a kill during the write
 
-    monkeypatch.setattr(testing, "make_tiny_model", killed)
+    monkeypatch.setattr(tiny, "make_tiny_model", killed)
     with pytest.raises(KeyboardInterrupt):
         materialize_model("tiny:hidden=32,layers=1", tmp_path / "fresh")
     assert sorted(p.name for p in (tmp_path / "fresh").iterdir()) == []  # nothing half-written stays in view

@@ -46,11 +46,13 @@ def _trainer_threads(args) -> object:
     from .run import load_config
 
     cfg = load_config(args.config, args.overrides)
+    top = cfg.trainer.get("threads", "auto")
     for i, st in enumerate(cfg.get("stages") or []):
-        if "threads" in (st.get("trainer") or {}):
+        # a top-level value (or override) reaches every stage; a stage of its own may not differ
+        if (st.get("trainer") or {}).get("threads", top) != top:
             raise ConfigError([f"stages[{i}].trainer.threads: threads are set once per run; move it to the top-level trainer section."],
                               str(args.config))
-    return cfg.trainer.get("threads", "auto")
+    return top
 
 
 def cmd_train(args) -> int:

@@ -357,7 +357,9 @@ def _check_ranges(c: RunConfig) -> list[str]:
         ("trainer.ppo_epochs", t.ppo_epochs, ge1, False),
         ("trainer.micro_batch_tokens", t.micro_batch_tokens, ge1, False),
         ("trainer.logprob_chunk", t.logprob_chunk, ge1, False),
-        ("trainer.lr", t.lr, nonneg, False),  # 0 is a frozen run (a stage that must keep its weights)
+        ("trainer.lr", t.lr, pos, False),
+        ("trainer.max_sampling_rounds", t.max_sampling_rounds, ge1, False),
+        ("data.offline_per_step", c.data.offline_per_step, nonneg, False),
         ("trainer.weight_decay", t.weight_decay, nonneg, False),
         ("trainer.warmup_steps", t.warmup_steps, nonneg, False),
         ("trainer.min_lr_ratio", t.min_lr_ratio, unit, False),

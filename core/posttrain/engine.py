@@ -197,10 +197,9 @@ class Engine:
         for added in self.hook.add_groups(config=self.algo, step=step, metrics=m, make_group=self.make_group):
             fresh += list(added or [])
         params = SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens)
-        kept, generated, target = [], [], n_prompts // self.world
+        kept, target = [], n_prompts // self.world
         for rounds in range(1, self.cfg.trainer.max_sampling_rounds + 1):
             fresh = self.sample(fresh, sampling, params, m)
-            generated += fresh
             selection = self.hook.select_groups(groups=kept + fresh, target=target, config=self.algo, step=step,
                                                 metrics=m) or GroupSelection(kept + fresh)
             kept, more = list(selection.groups), dist_utils.max_int(selection.more)  # every rank draws alike
@@ -212,7 +211,6 @@ class Engine:
             fresh = self.draw(self.sampler, more * self.world, "train", m)
         m.log("plan/rounds", float(rounds))
         m.log("plan/groups", float(len(kept)))
-        log_rewards(generated, m)
         self.hook.on_rollout_end(groups=kept, step=step, metrics=m)
         return kept
 
@@ -240,6 +238,7 @@ class Engine:
                 log_rollouts([groups[i] for i in todo], time.perf_counter() - t_roll, m)
         groups = [self.hook.compose_group(group=g, config=self.algo, step=step, metrics=m) for g in groups]
         self.verify(groups, m)
+        log_rewards(groups, m)  # everything sampled, also what select_groups or the timeout policy drop
         return guards.apply_timeout_policy(groups, self.cfg.verifier.on_timeout, m)
 
     def update(self, mb: TrainBatch | None, m: Metrics) -> None:

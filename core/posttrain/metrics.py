@@ -63,16 +63,18 @@ class Metrics:
 
 
 def log_rewards(groups: list, m: Metrics) -> None:
-    """Rewards of everything sampled this step (also groups that select_groups dropped)."""
+    """Rewards of freshly verified groups (called once per sampling round of a step)."""
+    # Weighted by counts: a step that samples in several rounds gets the exact mean over all of them.
     on = [mem.reward for g in groups for mem in g.members if not mem.off_policy and mem.reward is not None]
     if on:
-        m.log("reward/mean", sum(on) / len(on))
-        m.log("reward/accuracy", sum(r > 0.5 for r in on) / len(on))
+        m.log("reward/mean", sum(on) / len(on), weight=len(on))
+        m.log("reward/accuracy", sum(r > 0.5 for r in on) / len(on), weight=len(on))
         with_rollouts = [g for g in groups if g.on_policy]
-        m.log("reward/solved_prompts", sum(g.num_correct() > 0 for g in with_rollouts) / len(with_rollouts))
+        m.log("reward/solved_prompts", sum(g.num_correct() > 0 for g in with_rollouts) / len(with_rollouts),
+              weight=len(with_rollouts))
     off = [mem.reward for g in groups for mem in g.members if mem.off_policy and mem.reward is not None]
     if off:
-        m.log("reward/off_policy_mean", sum(off) / len(off))
+        m.log("reward/off_policy_mean", sum(off) / len(off), weight=len(off))
 
 
 def log_rollouts(groups: list, seconds: float, m: Metrics) -> None:
