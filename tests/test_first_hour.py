@@ -317,5 +317,5 @@ def test_readme_install_commands_work_in_a_fresh_venv(tmp_path):
     done = subprocess.run(["bash", "-c", script], cwd=copy, env=env, capture_output=True, text=True, timeout=3600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     installed = re.findall(r"^  (\w+)\s+(?:algorithm|extension)", done.stdout, re.M)
-    assert sorted(installed) == ["dypo", "gift", "grpo", "hpt", "luffy", "sft", "srft"]
+    assert sorted(installed) == ["cispo", "dapo", "dypo", "gift", "grpo", "hpt", "luffy", "reinforce_pp", "rloo", "sft", "srft"]
     assert str(copy / ".venv") in done.stdout.splitlines()[-1]  # pip --version: the fresh venv's own pip

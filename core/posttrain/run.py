@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import checkpoint as ckpt
 from . import interrupt
 from .config import ConfigError, RunConfig, load_yaml, merge_layers, stage_configs, validate_algorithm, validate_core
+from .data.loading import is_named_source
 from .plugins import PluginError, bind_plugins, make_plugin_manager, unregistered_names
 
 
@@ -173,8 +174,8 @@ def path_problems(stages: list[Resolved]) -> list[str]:
         if i == 0 and (p := model_path_problem(c.model.path)):
             problems.append(where + p)
         for key, value in (("data.train", c.data.train), ("data.eval", c.data.eval if c.eval.enabled else None),
-                           ("trainer.deepspeed_config", c.trainer.deepspeed_config)):
-            if value and not value.startswith("synthetic:") and not Path(value).expanduser().exists():
+                           ("data.offline", c.data.offline), ("trainer.deepspeed_config", c.trainer.deepspeed_config)):
+            if value and not is_named_source(value) and not Path(value).expanduser().exists():
                 problems.append(f"{where}{key}: {value} does not exist")
     return list(dict.fromkeys(problems))  # a top-level path shared by every stage: said once
 

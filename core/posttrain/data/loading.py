@@ -89,6 +89,15 @@ def _demos(where: str, row: dict, keys: list[str]) -> list[str]:
     return out
 
 
+# Sources generated or fetched by name rather than read from a path.
+NAMED_SOURCES = ("synthetic:", "gsm-symbolic:", "champ:")
+
+
+def is_named_source(source: str) -> bool:
+    """A ``synthetic:`` / ``gsm-symbolic:`` / ``champ:`` source: no file to look for."""
+    return source.startswith(NAMED_SOURCES)
+
+
 def load_examples(source: str, *, prompt_key: str = "prompt", answer_key: str = "answer",
                   demo_keys: list[str] | str | None = None) -> list[Example]:
     """Every row of ``source`` as an Example; demonstrations concatenated in ``demo_keys`` order."""
