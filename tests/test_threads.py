@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _python(code: str, env: dict | None = None, prefix: list[str] = ()) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "MKL_", "KMP_", "LOCAL_"))}
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_", "MKL_", "KMP_", "LOCAL_"))}
     return subprocess.run([*prefix, sys.executable, "-c", code], env={**clean, **(env or {})},
                           capture_output=True, text=True, timeout=300)
 
@@ -35,11 +35,11 @@ def _python(code: str, env: dict | None = None, prefix: list[str] = ()) -> subpr
 
 def test_configured_count_reaches_torch_and_the_startup_line_says_so():
     r = _python("from posttrain.cli import apply_threads; apply_threads('3', 'trainer.threads'); import torch, os; "
-                "print(torch.get_num_threads(), torch.get_num_interop_threads(), os.environ['OMP_WAIT_POLICY'])")
+                "print(torch.get_num_threads(), torch.get_num_interop_threads(), os.environ['GOMP_SPINCOUNT'])")
     assert r.returncode == 0, r.stderr
     line, counts = r.stdout.splitlines()
-    assert counts == "3 1 PASSIVE"
-    assert line == "threads: 3 intra-op per process (trainer.threads=3); OpenMP wait policy PASSIVE"
+    assert counts == "3 1 10000"
+    assert line == "threads: 3 intra-op per process (trainer.threads=3); OpenMP wait: spin GOMP_SPINCOUNT=10000, then sleep"
 
 
 def test_auto_reaches_torch_with_the_cores_of_the_affinity_mask():
@@ -65,20 +65,23 @@ def test_auto_respects_affinity_under_taskset():
 def test_omp_num_threads_wins_over_auto_and_the_config_wins_over_it():
     r = _python("from posttrain.cli import apply_threads; apply_threads('auto', 'trainer.threads'); "
                 "import torch; print(torch.get_num_threads())", env={"OMP_NUM_THREADS": "1"})
-    assert r.stdout.splitlines() == ["threads: 1 intra-op per process (OMP_NUM_THREADS=1); OpenMP wait policy PASSIVE", "1"]
+    assert r.stdout.splitlines() == ["threads: 1 intra-op per process (OMP_NUM_THREADS=1); OpenMP wait: spin GOMP_SPINCOUNT=10000, then sleep", "1"]
     r = _python("from posttrain.cli import apply_threads; apply_threads(2, 'trainer.threads'); "
                 "import torch; print(torch.get_num_threads())", env={"OMP_NUM_THREADS": "1"})
     assert r.stdout.splitlines()[1] == "2"
 
 
 def test_wait_policy_is_set_before_torch_loads_and_a_users_choice_is_kept():
-    r = _python("import posttrain.cli, os; print(os.environ['OMP_WAIT_POLICY'], os.environ['KMP_BLOCKTIME'])")
-    assert r.stdout.split() == ["PASSIVE", "0"]
-    r = _python("import posttrain.cli, os; print(os.environ['OMP_WAIT_POLICY'])", env={"OMP_WAIT_POLICY": "ACTIVE"})
-    assert r.stdout.split() == ["ACTIVE"]
+    r = _python("import posttrain.cli, os; print(os.environ['GOMP_SPINCOUNT'], os.environ['KMP_BLOCKTIME'])")
+    assert r.stdout.split() == ["10000", "1"]
+    r = _python("import posttrain.cli, os; print(os.environ['OMP_WAIT_POLICY'], os.getenv('GOMP_SPINCOUNT'))",
+                env={"OMP_WAIT_POLICY": "PASSIVE"})
+    assert r.stdout.split() == ["PASSIVE", "None"]  # a user's wait policy is not overridden by a spin count
+    r = _python("from posttrain.cli import apply_threads; apply_threads(1, 'trainer.threads')", env={"OMP_WAIT_POLICY": "ACTIVE"})
+    assert r.stdout.strip() == "threads: 1 intra-op per process (trainer.threads=1); OpenMP wait: OMP_WAIT_POLICY=ACTIVE"
     # Too late when torch came first: OpenMP has read its environment already, and the line says so.
     r = _python("import torch; from posttrain.cli import apply_threads; apply_threads(1, 'trainer.threads')")
-    assert r.stdout.strip() == ("threads: 1 intra-op per process (trainer.threads=1); OpenMP wait policy torch was "
+    assert r.stdout.strip() == ("threads: 1 intra-op per process (trainer.threads=1); OpenMP wait: torch was "
                                 "imported first: its OpenMP threads keep their default wait policy")
 
 
@@ -111,7 +114,7 @@ def test_local_world_size_from_either_launcher(monkeypatch):
 def test_unreadable_omp_num_threads_falls_back_to_auto(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "lots")
     monkeypatch.setattr(threads, "usable_cores", lambda: (4, "4 CPUs in affinity"))
-    assert threads.resolve("auto") == threads.Policy(4, "auto: 4 CPUs in affinity")
+    assert threads.resolve("auto") == threads.Policy(4, "auto: 4 CPUs in affinity; fewer while other programs use them", adaptive=True)
 
 
 @pytest.mark.parametrize("bad", ["0", "-2", "two", "1.5", ""])
@@ -140,9 +143,9 @@ def test_train_prints_the_line_before_anything_else(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model: {path: m}\n")  # data.train missing: a config error, after the policy is set
     r = subprocess.run([sys.executable, "-m", "posttrain.cli", "train", str(cfg), "trainer.threads=1"], capture_output=True,
-                       text=True, timeout=300, env={k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "KMP_"))})
+                       text=True, timeout=300, env={k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_", "KMP_"))})
     assert r.returncode == 2
-    assert r.stdout.splitlines() == ["threads: 1 intra-op per process (trainer.threads=1); OpenMP wait policy PASSIVE"]
+    assert r.stdout.splitlines() == ["threads: 1 intra-op per process (trainer.threads=1); OpenMP wait: spin GOMP_SPINCOUNT=10000, then sleep"]
     assert "data.train: missing" in r.stderr
 
 
@@ -209,6 +212,74 @@ def test_verifier_workers_run_one_torch_thread(monkeypatch):
     # Inherited from the parent, 4 would be every worker's count without the worker's own limit.
     monkeypatch.setenv("OMP_NUM_THREADS", "4")
     with WorkerPool(CALL, workers=2, timeout_s=120.0) as pool:
-        out = pool.map([torch.get_num_threads, partial(os.getenv, "OMP_NUM_THREADS"), partial(os.getenv, "OMP_WAIT_POLICY")])
+        out = pool.map([torch.get_num_threads, partial(os.getenv, "OMP_NUM_THREADS"), partial(os.getenv, "GOMP_SPINCOUNT")])
     assert [o.status for o in out] == ["ok"] * 3, out
-    assert [o.value for o in out] == [1, "1", "PASSIVE"]
+    assert [o.value for o in out] == [1, "1", "10000"]
+
+
+# --- adapting to other programs on the same cores ---------------------------------------------
+
+
+class _Clock:
+    """A scripted run-queue wait: each look advances time by 1 s and the wait by the next value."""
+
+    def __init__(self, waits):
+        self.t, self.w, self.waits, self.started = 0.0, 0.0, list(waits), False
+
+    def __call__(self):
+        if self.started and self.waits:
+            self.t, self.w = self.t + 1.0, self.w + self.waits.pop(0)
+        self.started = True
+        return self.t, self.w
+
+
+def test_adaptive_drops_by_the_threads_that_waited_and_probes_back_up(monkeypatch):
+    set_to = []
+    monkeypatch.setattr(torch, "set_num_threads", set_to.append)
+    monkeypatch.setattr(threads.Adaptive, "probe_after", 2.0)
+    clock = _Clock([0.1, 1.6, 0.0, 0.0, 0.9, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    a = threads.Adaptive(4, sample=clock)
+    counts = [a() for _ in range(13)]
+    # t=1 s: 0.1 threads' worth waited, calm. t=2: 1.6 waited, 4 - 2 = 2 at once. Two seconds later
+    # (t=4) a probe with 3; it waited 0.9 (t=5): back to 2, and the next probe waits twice as
+    # long (t=9). That one holds (t=10); the next, 2 s later (t=12), reaches 4 and holds (t=13).
+    assert counts == [4, 2, 2, 3, 2, 2, 2, 2, 3, 3, 3, 4, 4]
+    assert set_to == [2, 3, 2, 3, 4]
+    assert a.probing is False and a() == 4  # at the ceiling: no more probes
+
+
+def test_adaptive_looks_at_most_every_interval(monkeypatch):
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    samples = iter([(0.0, 0.0), (0.2, 5.0), (0.6, 5.0)])
+    a = threads.Adaptive(2, sample=lambda: next(samples))
+    assert a() == 2  # 0.2 s after the last look: no decision, however much it waited
+    assert a() == 1  # 0.6 s: 5 s waited over 0.6 s
+
+
+def test_run_queue_wait_reads_this_process():
+    t0, w0 = threads.run_queue_wait()
+    sum(range(10**6))
+    t1, w1 = threads.run_queue_wait()
+    assert t1 > t0 and w1 >= w0 >= 0.0
+
+
+@pytest.mark.skipif(shutil.which("taskset") is None or len(os.sched_getaffinity(0)) < 2, reason="needs taskset and 2 CPUs")
+def test_auto_drops_to_one_thread_beside_busy_neighbours_on_its_cores():
+    # Two CPU-bound neighbours at equal priority on the same 2 CPUs as the trainer: its 2 threads
+    # wait for cores, and auto goes down to 1. With 2 neighbours on 2 CPUs this holds however
+    # loaded the machine is besides.
+    burn = [subprocess.Popen(["taskset", "-c", "0,1", sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        r = _python("from posttrain.cli import apply_threads; apply_threads('auto', 'trainer.threads'); "
+                    "import time, torch; from posttrain import threads; x = torch.randn(256, 256); t = time.monotonic(); "
+                    "seen = set()\n"
+                    "while time.monotonic() - t < 6:\n    (x @ x).relu().sum(); seen.add(threads.adapt())\n"
+                    "print(sorted(seen), torch.get_num_threads())", prefix=["taskset", "-c", "0,1"])
+    finally:
+        for p in burn:
+            p.kill()
+            p.wait()
+    assert r.returncode == 0, r.stderr
+    line, counts = r.stdout.splitlines()
+    assert line.startswith("threads: 2 intra-op per process (auto: 2 CPUs in affinity; fewer while other programs use them)")
+    assert counts.startswith("[1, 2]")

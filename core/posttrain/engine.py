@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
-from . import guards, interrupt, stage_state
+from . import guards, interrupt, stage_state, threads
 from .batching import build_train_batch, micro_batch_rows, minibatches, totals_of, trim_padding
 from .config import RunConfig
 from .data import PromptSampler, load_examples, render_prompt
@@ -144,6 +144,7 @@ class Engine:
         """One rollout step and the optimizer steps it feeds."""
         t0 = time.perf_counter()
         m = Metrics()
+        m.log("perf/threads", threads.adapt(), reduce="max")  # fewer while other programs use the cores (trainer.threads: auto)
         step = self.step
         groups = self.step_groups(m)
         routes = [self.hook.route_group(group=g, config=self.algo, step=step, metrics=m) for g in groups]
@@ -229,6 +230,7 @@ class Engine:
                 raise ValueError(f"rollout_requests returned {len(requests)} requests for {len(groups)} groups")
             todo = [i for i, q in enumerate(requests) if q.n > 0]
             if dist_utils.max_int(len(todo)) > 0:  # HF generate under ZeRO-3 is collective: all ranks or none
+                threads.adapt()
                 t_roll = time.perf_counter()
                 out = generate_requests(self.rollout, [groups[i].prompt_ids for i in todo], [requests[i] for i in todo],
                                         params, eos_id=self.tokenizer.eos_token_id, progress=self._bars,
