@@ -189,11 +189,6 @@ _NOT_TRAINING = ("run_dir", "resume", "save_every", "keep_checkpoints", "stages"
                  "rollout.batch_size", "verifier.workers")
 
 
-# Restored from the checkpoint's optimizer/scheduler state, so a forced change does not take effect.
-_OPTIMIZER_STATE = ("trainer.lr", "trainer.betas", "trainer.weight_decay", "trainer.schedule", "trainer.warmup_steps",
-                    "trainer.min_lr_ratio")
-
-
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(node, dict):
         out: dict[str, Any] = {}
@@ -370,9 +365,8 @@ def train(source: str | Path | dict | DictConfig, overrides: Iterable[str] = (),
             if plan.resume_from is not None:
                 say(f"resuming from step {plan.resume_step} of {plan.run_dir}")
             if plan.changes:
-                kept = [c.split(":")[0] for c in plan.changes if c.startswith(_OPTIMIZER_STATE)]
-                say(f"--force-resume: continuing with changed {'; '.join(plan.changes)}"
-                    + (f" ({', '.join(kept)}: the optimizer and lr schedule continue from the checkpoint's)" if kept else ""))
+                # the backends keep the moments and the schedule's position, with the new hyperparameters
+                say(f"--force-resume: continuing with changed {'; '.join(plan.changes)}")
             engine = Engine(st.run, st.algo, st.pm, plan.run_dir, resolved)
             with interrupt.catching():
                 final = engine.run()

@@ -28,7 +28,7 @@ import torch
 
 from .. import distributed as D
 from ..config import ConfigError
-from .plain_torch import lr_lambda
+from .plain_torch import config_hyperparameters, lr_lambda
 
 # Keys we own: the engine feeds micro-batches itself, so DeepSpeed's batch bookkeeping is a formality.
 _OWNED = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
@@ -214,15 +214,17 @@ class DeepSpeedBackend:
 
     def load_shards(self, directory: Path) -> None:
         try:
-            self.engine.load_checkpoint(str(directory), tag="zero", load_optimizer_states=True,
-                                        load_lr_scheduler_states=False)
+            with config_hyperparameters(self.optimizer, self.scheduler):  # as in the torch backend
+                self.engine.load_checkpoint(str(directory), tag="zero", load_optimizer_states=True,
+                                            load_lr_scheduler_states=False)
         except Exception as e:  # e.g. a different number of processes than when it was saved
             raise RuntimeError(f"{directory}: cannot load the DeepSpeed optimizer shards ({e}). They must come "
                                "from the same number of processes and ZeRO stage; delete the directory to resume "
                                "from the HF weights with fresh optimizer moments.") from e
 
     def load_state_dict(self, state: dict) -> None:
-        self.scheduler.load_state_dict(state["scheduler"])
+        with config_hyperparameters(self.optimizer, self.scheduler):
+            self.scheduler.load_state_dict(state["scheduler"])
         self.skipped_steps = state.get("skipped_steps", 0)
 
     # --- what the engine asks of a distributed backend -------------------------------------------

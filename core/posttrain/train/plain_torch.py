@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 
@@ -19,6 +20,25 @@ def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float):
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return f
+
+
+@contextmanager
+def config_hyperparameters(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR):
+    """Around loading a checkpoint's optimizer and schedule: keep the moments, the step count and
+    the position in the schedule, but the hyperparameters this run was configured with (lr,
+    betas, weight decay), so that ``posttrain train --force-resume`` with a changed
+    ``trainer.lr`` trains with the new one. An unchanged config gives the same values bit for bit:
+    the lr is recomputed exactly as the schedule computes it."""
+    groups = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in optimizer.param_groups]
+    base_lrs = list(scheduler.base_lrs)
+    yield
+    for g, hyper, base in zip(optimizer.param_groups, groups, base_lrs):
+        g.update(hyper, initial_lr=base)
+    scheduler.base_lrs = base_lrs
+    lrs = [base * f(scheduler.last_epoch) for base, f in zip(base_lrs, scheduler.lr_lambdas)]
+    for g, lr in zip(optimizer.param_groups, lrs):
+        g["lr"] = lr
+    scheduler._last_lr = lrs
 
 
 class TorchBackend:
@@ -59,6 +79,7 @@ class TorchBackend:
                 "skipped_steps": self.skipped_steps}
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        with config_hyperparameters(self.optimizer, self.scheduler):
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
         self.skipped_steps = state.get("skipped_steps", 0)
