@@ -10,7 +10,8 @@ this script; the load average printed next to it says how idle the machine reall
 the training process at nice +10, i.e. the neighbour has the higher priority; no root needed).
 Variants:
 
-* ``posttrain`` — ``posttrain train`` as shipped (``trainer.threads: auto``, passive OpenMP wait);
+* ``posttrain`` — ``posttrain train`` as shipped (``trainer.threads: auto``: adapts to contention,
+  short OpenMP spin);
 * ``threads=1`` — ``posttrain train ... trainer.threads=1``;
 * ``torch`` — the same run through the Python API (``posttrain.run.train``), which leaves
   torch's defaults alone: one intra-op thread per CPU, spinning OpenMP waits.

@@ -239,6 +239,7 @@ def test_adaptive_drops_by_the_threads_that_waited_and_probes_back_up(monkeypatc
     monkeypatch.setattr(threads.Adaptive, "probe_after", 2.0)
     clock = _Clock([0.1, 1.6, 0.0, 0.0, 0.9, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
     a = threads.Adaptive(4, sample=clock)
+    assert a() == 4  # the first look starts the clock
     counts = [a() for _ in range(13)]
     # t=1 s: 0.1 threads' worth waited, calm. t=2: 1.6 waited, 4 - 2 = 2 at once. Two seconds later
     # (t=4) a probe with 3; it waited 0.9 (t=5): back to 2, and the next probe waits twice as
@@ -252,6 +253,7 @@ def test_adaptive_looks_at_most_every_interval(monkeypatch):
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
     samples = iter([(0.0, 0.0), (0.2, 5.0), (0.6, 5.0)])
     a = threads.Adaptive(2, sample=lambda: next(samples))
+    assert a() == 2  # the first look starts the clock
     assert a() == 2  # 0.2 s after the last look: no decision, however much it waited
     assert a() == 1  # 0.6 s: 5 s waited over 0.6 s
 

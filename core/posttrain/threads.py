@@ -198,6 +198,7 @@ def apply(value: object = "auto", key: str = "trainer.threads", *, processes: in
     _adaptive = None
     if policy.adaptive and policy.threads > 1:
         try:
+            run_queue_wait()
             _adaptive = Adaptive(policy.threads)
         except OSError:  # no scheduler statistics in this kernel: a fixed count
             pass
@@ -273,11 +274,14 @@ class Adaptive:
 
         self.set_threads, self.ceiling, self.sample = torch.set_num_threads, ceiling, sample
         self.current, self.probing, self.backoff = ceiling, False, self.probe_after
-        self.last = sample()
-        self.next_probe = math.inf
+        self.last: Optional[tuple[float, float]] = None  # the first look only starts the clock:
+        self.next_probe = math.inf  # what waited while the model loaded says nothing about training
 
     def __call__(self) -> int:
         now, waited = self.sample()
+        if self.last is None:
+            self.last = (now, waited)
+            return self.current
         dt = now - self.last[0]
         if dt < self.interval:
             return self.current
