@@ -20,7 +20,7 @@ from posttrain import functional as F
 from posttrain.batching import build_train_batch
 from posttrain.config import validate_algorithm
 from posttrain.metrics import Metrics
-from posttrain.plugins import make_plugin_manager
+from posttrain.plugins import bind_plugins, make_plugin_manager
 from posttrain.testing import fill_tokens, sized_group, split_loss, tiny_group, tiny_tokenizer
 from posttrain_luffy.plugin import LUFFYConfig
 
@@ -32,7 +32,14 @@ L_MAX = 16  # the constant L_max of token-sum-norm in every hand computation
 
 @pytest.fixture(scope="module")
 def pm():
-    return make_plugin_manager("luffy")
+    return bound_manager(LUFFYConfig())
+
+
+def bound_manager(cfg):
+    """The plugin manager a stage with this algorithm config runs (the entry point is a class)."""
+    pm = make_plugin_manager("luffy")
+    bind_plugins(pm, cfg)
+    return pm
 
 
 def group(rewards, lens, demo_len, uid, *, demo_reward=1.0):
