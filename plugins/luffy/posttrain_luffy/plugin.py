@@ -330,6 +330,11 @@ def stabilization_mask(batch, logprobs, config):
     return logprobs.detach().exp() <= config.all_max_clip
 
 
+def learns_alpha(config: LUFFYConfig) -> bool:
+    """The learned entropy coefficient is on (its state lives in the ``LUFFY`` instance)."""
+    return config.entropy_target is not None and config.entropy_target_mode == "learned"
+
+
 def pg_normalisers(batch, config: LUFFYConfig) -> dict[str, float]:
     """Normalisers of the PG term: mini-batch totals (invariant) or this micro-batch's counts (official)."""
     t = batch.totals
@@ -370,7 +375,7 @@ def build_loss(batch, outputs, advantages, ratio, mask, config, alpha: Optional[
     if config.entropy_coef > 0 and outputs.entropy is not None:
         h = F.masked_mean(outputs.entropy, tokens)
         coef = config.entropy_coef
-        if alpha is not None:  # the code's learned strategy: sg(α), α trained towards the target entropy
+        if learns_alpha(config):  # the code's learned strategy: sg(α), α trained towards the target entropy
             coef = alpha.coefficient(float(h.detach()), step)
         elif config.entropy_target is not None:  # the code's fixed adaptive strategy: coef·target/sg(H̄)
             coef = coef * config.entropy_target / h.detach()
@@ -424,9 +429,8 @@ class LUFFY:
     split_policy_gradient = staticmethod(split_policy_gradient)
 
     def __init__(self, config: LUFFYConfig) -> None:
-        learned = config.entropy_target is not None and config.entropy_target_mode == "learned"
         self.alpha = LearnedEntropyCoef(config.entropy_coef, config.entropy_target, config.alpha_lr,
-                                        config.alpha_max) if learned else None
+                                        config.alpha_max) if learns_alpha(config) else None
 
     @hookimpl
     def build_loss(self, batch, outputs, advantages, ratio, mask, config, step):
