@@ -17,9 +17,12 @@
 
 The code's other settings (defaults off, as in ``train.sh``): ``off_policy_shaping`` logp /
 p_logp, ``on_policy_shaping`` (g(ρ) on rollout tokens), ``off_max_clip``/``off_min_clip`` and
-``target_probs`` (``shape_ratio``), ``all_max_clip`` (``stabilization_mask``), ``demo_loss: sft``,
+``target_probs`` (``shape_ratio``; the teacher's log-probs come from a data field, read in
+``rollout_requests`` before sampling), ``all_max_clip`` (``stabilization_mask``), ``demo_loss: sft``,
 the "RL w/ SFT loss" baseline (``compose_group`` keeps the demonstration out of the advantage
-group, ``route_group`` gives it SFT), and ``entropy_target`` (``build_loss``, official mode).
+group, ``route_group`` gives it SFT), and the adaptive entropy coefficient ``entropy_target``
+(``build_loss``, official mode): fixed, or learned (``entropy.LearnedEntropyCoef``, whose state the
+``LUFFY`` instance keeps in checkpoints).
 """
 
 from __future__ import annotations
