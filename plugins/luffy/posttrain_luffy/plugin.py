@@ -228,7 +228,7 @@ def attach_teacher_logprobs(group, config: LUFFYConfig) -> None:
 @hookimpl
 def rollout_requests(groups, config):
     """target_probs: read the teacher's log-probs before sampling, so bad data stops before any generation."""
-    if config.target_probs and config.n_off > 0 and config.demo_loss == "off_policy_rl":
+    if config.target_probs and config.n_off > 0:
         for g in groups:
             if g.demonstrations:
                 attach_teacher_logprobs(g, config)
@@ -354,7 +354,8 @@ def policy_gradient(batch, advantages: Tensor, ratio: Tensor, mask: Tensor, conf
     return F.aggregate(loss, batch.response_mask & rows[:, None], config.loss_agg, **pg_normalisers(batch, config))
 
 
-def build_loss(batch, outputs, advantages, ratio, mask, config, alpha: Optional[LearnedEntropyCoef] = None, step: int = 0):
+def build_loss(batch, outputs, advantages, ratio, mask, config, alpha: Optional[LearnedEntropyCoef] = None,
+               step: int = 0):
     """``aggregation: official`` only: the code's per-micro-batch loss.
 
     PG: −Σ f(ρ)·Â over this micro-batch's tokens / L_max (token-sum-norm: the same number as the
