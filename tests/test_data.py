@@ -125,3 +125,21 @@ def test_render_prompt_template_and_chat(tmp_path):
     tok.chat_template = None
     with pytest.raises(ValueError, match="set data.template"):
         render_prompt(tok, "x")
+
+
+def test_demonstration_values_per_token_fields(tmp_path):
+    """A row's per-token field (e.g. a teacher's log-probs) for one demonstration: one list, or one per
+    demonstration; its length must be the tokenized demonstration's (a cut demonstration keeps the first)."""
+    from posttrain.data import demonstration_values
+
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"prompt": "p", "answer": "a", "d": ["x", "y"], "lp": [[-1, -2], [-3, -4, -5]]}) + "\n")
+    (ex,) = load_examples(str(path), demo_keys="d")
+    assert demonstration_values(ex, "lp", 1, 3) == [-3.0, -4.0, -5.0]
+    assert demonstration_values(ex, "lp", 1, 2, truncated=True) == [-3.0, -4.0]  # cut at data.max_demo_tokens
+    with pytest.raises(DataError, match=r"t.jsonl:1: field 'lp'\[1\] has 3 values, the demonstration is 2 tokens"):
+        demonstration_values(ex, "lp", 1, 2)
+    with pytest.raises(DataError, match=r"t.jsonl:1: field 'lp' has 2 lists, demonstration 2 needs its own"):
+        demonstration_values(ex, "lp", 2, 2)
+    with pytest.raises(DataError, match=r"t.jsonl:1: field 'nope' is missing \(fields: lp\)"):
+        demonstration_values(ex, "nope", 0, 2)

@@ -31,7 +31,7 @@ class Trajectory:
     response_ids: list[int]  # [T] response tokens, EOS included when the response ended
     text: str = ""
     off_policy: bool = False  # True for demonstrations: not sampled from π_θ
-    sampling_logprobs: list[float] | None = None  # [T] log-probs the rollout engine sampled with
+    sampling_logprobs: list[float] | None = None  # [T] log-probs the rollout engine (a demonstration: its teacher, if known) sampled with
     reward: float | None = None  # set by the verifier
     finished: bool = True  # ended with EOS (False: cut at max_new_tokens)
     teacher: int | None = None  # index into Example.demonstrations, for demonstrations
@@ -208,7 +208,7 @@ class TrainBatch:
     off_policy_mask: Tensor | None = None  # [N, L] bool, tokens not sampled from π_θ: demonstrations, forced prefixes
     finished: Tensor | None = None  # [N] bool, the response ended with EOS (False: cut at the length cap)
     response_lengths: Tensor | None = None  # [N] long, response tokens (EOS included)
-    sampling_logprobs: Tensor | None = None  # [N, L] from the rollout engine, 0 on demonstrations
+    sampling_logprobs: Tensor | None = None  # [N, L] from the rollout engine; on demonstrations the teacher's if given, else 0
     old_logprobs: Tensor | None = None  # [N, L] π_old, the policy before this step's updates
     ref_logprobs: Tensor | None = None  # [N, L] frozen reference model (Needs.reference)
     advantages: Tensor | None = None  # [N] or [N, L], set from compute_advantage

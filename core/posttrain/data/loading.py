@@ -89,6 +89,40 @@ def _demos(where: str, row: dict, keys: list[str]) -> list[str]:
     return out
 
 
+
+def demonstration_values(example: Example, key: str, teacher: int, n_tokens: int, *,
+                         truncated: bool = False) -> list[float]:
+    """Per-token numbers for demonstration ``teacher`` from the row's field ``key`` (kept in
+    ``Example.meta``), e.g. the teacher's log-probs of its tokens: a list of numbers when the row
+    has one demonstration, one list per demonstration (``data.demo_keys`` order) otherwise.
+
+    ``n_tokens`` is the demonstration's length as tokenized for training (EOS included); the field
+    must have exactly that many, or at least that many when the demonstration was cut at
+    ``data.max_demo_tokens`` (``truncated``): then the first ``n_tokens`` are kept.
+    """
+    where = f"{example.uid}: field '{key}'"
+    if key not in example.meta or example.meta[key] is None:
+        others = ", ".join(sorted(example.meta)) or "none besides the prompt, answer, demonstrations"
+        raise DataError(f"{where} is missing (fields: {others})")
+    v = example.meta[key]
+    nested = isinstance(v, (list, tuple)) and bool(v) and isinstance(v[0], (list, tuple))
+    if nested:
+        if teacher >= len(v):
+            raise DataError(f"{where} has {len(v)} lists, demonstration {teacher} needs its own "
+                            "(one list per demonstration)")
+        v, where = v[teacher], f"{where}[{teacher}]"
+    elif teacher > 0:
+        raise DataError(f"{where} holds one list; with several demonstrations give one list per demonstration")
+    numbers = isinstance(v, (list, tuple)) and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and x == x for x in v)  # x == x: not NaN
+    if not numbers:
+        raise DataError(f"{where} must be a list of numbers, one per demonstration token")
+    if len(v) < n_tokens or (len(v) > n_tokens and not truncated):
+        raise DataError(f"{where} has {len(v)} values, the demonstration is {n_tokens} tokens (EOS included) with "
+                        "this tokenizer; give one value per token of the demonstration as the model's tokenizer splits it")
+    return [float(x) for x in v[:n_tokens]]
+
+
 # Sources generated or fetched by name rather than read from a path.
 NAMED_SOURCES = ("synthetic:", "gsm-symbolic:", "champ:")
 

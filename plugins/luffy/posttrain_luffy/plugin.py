@@ -17,9 +17,12 @@
 
 The code's other settings (defaults off, as in ``train.sh``): ``off_policy_shaping`` logp /
 p_logp, ``on_policy_shaping`` (g(ρ) on rollout tokens), ``off_max_clip``/``off_min_clip`` and
-``target_probs`` (``shape_ratio``), ``all_max_clip`` (``stabilization_mask``), ``demo_loss: sft``,
+``target_probs`` (``shape_ratio``; the teacher's log-probs come from a data field, read in
+``rollout_requests`` before sampling), ``all_max_clip`` (``stabilization_mask``), ``demo_loss: sft``,
 the "RL w/ SFT loss" baseline (``compose_group`` keeps the demonstration out of the advantage
-group, ``route_group`` gives it SFT), and ``entropy_target`` (``build_loss``, official mode).
+group, ``route_group`` gives it SFT), and the adaptive entropy coefficient ``entropy_target``
+(``build_loss``, official mode): fixed, or learned (``entropy.LearnedEntropyCoef``, whose state the
+``LUFFY`` instance keeps in checkpoints).
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ from torch import Tensor
 
 from posttrain import GRPOConfig, LossTerm, Route, help_field, hookimpl
 from posttrain import functional as F
+from posttrain.data import DataError, demonstration_values
+
+from .entropy import LearnedEntropyCoef
 
 AGGREGATIONS = ("invariant", "official")
 DEMO_LOSSES = ("off_policy_rl", "sft")
@@ -71,9 +77,15 @@ class LUFFYConfig(GRPOConfig):
         0.1, "w of the logp / p_logp shapings (off_policy_reshape_weight). Official yaml default: 0.1.")
     target_probs: bool = help_field(
         False,
-        "The code's target_probs mode (use_off_policy_probs=True): f = π_θ/(π_teacher + 1e-6) on demonstration "
-        "tokens, π_teacher read from each demonstration's Trajectory.sampling_logprobs (the teacher's log-probs, "
-        "which the data must provide); off_policy_shaping is not applied. Official scripts: False.")
+        "The code's target_probs mode (use_off_policy_probs=True, the batch key target_probs): f = π_θ/(π_teacher + "
+        "1e-6) on demonstration tokens instead of off_policy_shaping. π_teacher = exp of the teacher's log-probs, one "
+        "per demonstration token, from the data field target_logprobs_key (kept as the demonstration's "
+        "sampling_logprobs). Official scripts: False.")
+    target_logprobs_key: str = help_field(
+        "target_logprobs",
+        "Data field with the teacher's log-probs for target_probs: a list of numbers (one per token of the "
+        "demonstration as the model's tokenizer splits it, EOS included), or one such list per demonstration. "
+        "The code's target_probs holds probabilities: store their logs here.")
     off_max_clip: Optional[float] = help_field(
         None, "Clamp f ≤ this on demonstration tokens, after shaping (off_policy_max_clip; −1 = None = off). "
               "A clamped token has no gradient. Official scripts: off.")
@@ -99,11 +111,19 @@ class LUFFYConfig(GRPOConfig):
     # --- adaptive entropy coefficient ----------------------------------------------------------------------
     entropy_target: Optional[float] = help_field(
         None,
-        "The code's adaptive entropy coefficient, fixed strategy (use_adaptive_temperature=True, "
-        "use_adaptive_temperature_fixed=True, adaptive_temperature_target_entropy): per micro-batch "
-        "coef = entropy_coef·entropy_target/sg(H̄), H̄ its token-mean entropy, so the bonus is "
-        "−entropy_coef·entropy_target·H̄/sg(H̄). Needs aggregation: official (a per-micro-batch rule). The learned "
-        "log-α strategy (its own AdamW, alpha_lr) is not provided. Official scripts: off (None).")
+        "The code's adaptive entropy coefficient (use_adaptive_temperature=True) with target entropy H* = this "
+        "(adaptive_temperature_target_entropy, code default 1.0); entropy_target_mode picks the strategy. Needs "
+        "aggregation: official (a per-micro-batch rule). Official scripts: off (None).")
+    entropy_target_mode: str = help_field(
+        "fixed",
+        "fixed (use_adaptive_temperature_fixed=True): per micro-batch coef = entropy_coef·H*/sg(H̄), H̄ its token-mean "
+        "entropy | learned (use_adaptive_temperature_fixed=False): coef = α = exp(log α), log α₀ = log(entropy_coef), "
+        "learned SAC-style by its own AdamW (alpha_lr, β (0.9, 0.999), wd 0.01) on Σ_k sg(H̄_k − H*)·α over the "
+        "mini-batch's micro-batches, stepped once per optimizer step; α and its optimizer are saved in checkpoints.")
+    alpha_lr: float = help_field(0.01, "Learning rate of log α (entropy_target_mode: learned; alpha_lr). Code yaml: 1e-2.")
+    alpha_max: Optional[float] = help_field(
+        None, "Clamp α ≤ this (entropy_target_mode: learned; adaptive_temperature_clip, −1 = None = off); "
+              "above it log α gets no gradient. Code yaml: off.")
     # --- how the loss terms are normalised -------------------------------------------------------------
     aggregation: str = help_field(
         "invariant",
@@ -141,6 +161,12 @@ class LUFFYConfig(GRPOConfig):
             problems.append(f"off_min_clip ({self.off_min_clip}) must be <= off_max_clip ({self.off_max_clip})")
         if self.all_max_clip is not None and self.all_max_clip <= 0:
             problems.append(f"all_max_clip must be > 0 (a probability threshold), got {self.all_max_clip}")
+        if self.entropy_target_mode not in ("fixed", "learned"):
+            problems.append(f"entropy_target_mode '{self.entropy_target_mode}' is not one of fixed | learned")
+        if self.entropy_target_mode == "learned" and self.entropy_target is None:
+            problems.append("entropy_target_mode: learned needs entropy_target (H*; the code's default is 1.0)")
+        if self.alpha_lr <= 0 or (self.alpha_max is not None and self.alpha_max <= 0):
+            problems.append(f"alpha_lr and alpha_max must be > 0, got {self.alpha_lr}, {self.alpha_max}")
         if self.entropy_target is not None:
             if self.aggregation != "official":
                 problems.append("entropy_target (adaptive entropy coefficient) needs aggregation: official: the code "
@@ -179,12 +205,34 @@ def compose_group(group, config, metrics):
         return None
     if config.demo_loss == "sft":
         return None  # RL w/ SFT loss: the demonstrations stay out of the advantage group (grpo_split)
-    demos = group.demonstrations[: config.n_off]
-    if config.target_probs and any(d.sampling_logprobs is None for d in demos):
-        raise ValueError(f"luffy: target_probs: true needs the teacher's log-probs of every demonstration token "
-                         f"(Trajectory.sampling_logprobs); prompt {group.example.uid} has a demonstration without them. "
-                         "Set algorithm.target_probs: false or provide them")
-    return replace(group, members=[*group.members, *demos])
+    if config.target_probs:
+        attach_teacher_logprobs(group, config)
+    return replace(group, members=[*group.members, *group.demonstrations[: config.n_off]])
+
+
+def attach_teacher_logprobs(group, config: LUFFYConfig) -> None:
+    """target_probs: each trained demonstration's ``sampling_logprobs`` = the teacher's log-probs, read
+    from the data field ``target_logprobs_key`` (unless something already set them)."""
+    for d in group.demonstrations[: config.n_off]:
+        if d.sampling_logprobs is not None:
+            continue
+        try:
+            d.sampling_logprobs = demonstration_values(group.example, config.target_logprobs_key, d.teacher or 0,
+                                                       len(d.response_ids), truncated=not d.finished)
+        except DataError as e:
+            raise DataError(f"{e}. luffy's target_probs: true needs the teacher's log-probs of every demonstration "
+                            "token: add them (algorithm.target_logprobs_key names the field) or set "
+                            "algorithm.target_probs: false") from None
+
+
+@hookimpl
+def rollout_requests(groups, config):
+    """target_probs: read the teacher's log-probs before sampling, so bad data stops before any generation."""
+    if config.target_probs and config.n_off > 0:
+        for g in groups:
+            if g.demonstrations:
+                attach_teacher_logprobs(g, config)
+    return None  # the default requests
 
 
 @hookimpl
@@ -285,6 +333,11 @@ def stabilization_mask(batch, logprobs, config):
     return logprobs.detach().exp() <= config.all_max_clip
 
 
+def learns_alpha(config: LUFFYConfig) -> bool:
+    """The learned entropy coefficient is on (its state lives in the ``LUFFY`` instance)."""
+    return config.entropy_target is not None and config.entropy_target_mode == "learned"
+
+
 def pg_normalisers(batch, config: LUFFYConfig) -> dict[str, float]:
     """Normalisers of the PG term: mini-batch totals (invariant) or this micro-batch's counts (official)."""
     t = batch.totals
@@ -301,15 +354,16 @@ def policy_gradient(batch, advantages: Tensor, ratio: Tensor, mask: Tensor, conf
     return F.aggregate(loss, batch.response_mask & rows[:, None], config.loss_agg, **pg_normalisers(batch, config))
 
 
-@hookimpl
-def build_loss(batch, outputs, advantages, ratio, mask, config):
+def build_loss(batch, outputs, advantages, ratio, mask, config, alpha: Optional[LearnedEntropyCoef] = None,
+               step: int = 0):
     """``aggregation: official`` only: the code's per-micro-batch loss.
 
     PG: −Σ f(ρ)·Â over this micro-batch's tokens / L_max (token-sum-norm: the same number as the
     invariant mode's); SFT (``demo_loss: sft``): sft_coef × token-mean NLL over this micro-batch's
     demonstration tokens; entropy (and KL): token-means over this micro-batch's response tokens,
     summed over micro-batches as the code's gradient accumulation does. With ``entropy_target``
-    the entropy coefficient is entropy_coef·target/sg(H̄) (the code's fixed adaptive strategy).
+    the entropy coefficient is entropy_coef·target/sg(H̄) (the code's fixed adaptive strategy), or the
+    learned α of ``alpha`` (``entropy_target_mode: learned``; optimizer step ``step``).
     """
     if config.aggregation != "official":
         return None  # the core's default: normalisers from the mini-batch totals
@@ -325,9 +379,12 @@ def build_loss(batch, outputs, advantages, ratio, mask, config):
     if config.entropy_coef > 0 and outputs.entropy is not None:
         h = F.masked_mean(outputs.entropy, tokens)
         coef = config.entropy_coef
-        if config.entropy_target is not None:  # the code's fixed adaptive strategy: coef·target/sg(H̄)
+        if learns_alpha(config):  # the code's learned strategy: sg(α), α trained towards the target entropy
+            coef = alpha.coefficient(float(h.detach()), step)
+        elif config.entropy_target is not None:  # the code's fixed adaptive strategy: coef·target/sg(H̄)
             coef = coef * config.entropy_target / h.detach()
-        terms.append(LossTerm("entropy", -coef * h))
+        logged = {"luffy/entropy_coef": float(coef)} if config.entropy_target is not None else {}
+        terms.append(LossTerm("entropy", -coef * h, logged))
     if config.kl_coef > 0 and batch.ref_logprobs is not None and rl_rows.any():
         kl = F.kl_estimate(outputs.logprobs, batch.ref_logprobs, config.kl_estimator)
         terms.append(LossTerm("kl", config.kl_coef * F.masked_mean(kl, tokens & rl_rows[:, None])))
@@ -355,3 +412,37 @@ def split_policy_gradient(batch, outputs, advantages, ratio, mask, config, metri
     off = policy_gradient(batch, advantages, ratio, mask, config, off_rows)
     split = [LossTerm("pg_on", pg.value - off, dict(pg.metrics)), LossTerm("pg_off", off)]
     return [part for t in terms for part in (split if t is pg else [t])]
+
+
+# --- the plugin: the hooks above, and the state of the learned entropy coefficient --------------------
+
+
+class LUFFY:
+    """The entry point: one instance per stage. Its only state is the learned entropy coefficient
+    (``entropy_target_mode: learned``): log α, its AdamW moments and the gradient of the optimizer
+    step in progress, saved in every checkpoint."""
+
+    algorithm_config = staticmethod(algorithm_config)
+    compose_group = staticmethod(compose_group)
+    rollout_requests = staticmethod(rollout_requests)
+    route_group = staticmethod(route_group)
+    compute_advantage = staticmethod(compute_advantage)
+    reference_denominator = staticmethod(reference_denominator)
+    shape_ratio = staticmethod(shape_ratio)
+    stabilization_mask = staticmethod(stabilization_mask)
+    split_policy_gradient = staticmethod(split_policy_gradient)
+
+    def __init__(self, config: LUFFYConfig) -> None:
+        self.alpha = LearnedEntropyCoef(config.entropy_coef, config.entropy_target, config.alpha_lr,
+                                        config.alpha_max) if learns_alpha(config) else None
+
+    @hookimpl
+    def build_loss(self, batch, outputs, advantages, ratio, mask, config, step):
+        return build_loss(batch, outputs, advantages, ratio, mask, config, alpha=self.alpha, step=step)
+
+    def state_dict(self) -> dict:
+        return {} if self.alpha is None else {"alpha": self.alpha.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.alpha is not None and "alpha" in state:
+            self.alpha.load_state_dict(state["alpha"])

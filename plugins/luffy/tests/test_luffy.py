@@ -20,7 +20,7 @@ from posttrain import functional as F
 from posttrain.batching import build_train_batch
 from posttrain.config import validate_algorithm
 from posttrain.metrics import Metrics
-from posttrain.plugins import make_plugin_manager
+from posttrain.plugins import bind_plugins, make_plugin_manager
 from posttrain.testing import fill_tokens, sized_group, split_loss, tiny_group, tiny_tokenizer
 from posttrain_luffy.plugin import LUFFYConfig
 
@@ -32,7 +32,14 @@ L_MAX = 16  # the constant L_max of token-sum-norm in every hand computation
 
 @pytest.fixture(scope="module")
 def pm():
-    return make_plugin_manager("luffy")
+    return bound_manager(LUFFYConfig())
+
+
+def bound_manager(cfg):
+    """The plugin manager a stage with this algorithm config runs (the entry point is a class)."""
+    pm = make_plugin_manager("luffy")
+    bind_plugins(pm, cfg)
+    return pm
 
 
 def group(rewards, lens, demo_len, uid, *, demo_reward=1.0):
@@ -52,10 +59,11 @@ def compose_and_batch(pm, cfg, groups, metrics=None):
 fill = fill_tokens  # [N, L] from per-row values
 
 
-def run_split(pm, cfg, batch, split, logprobs, entropy, metrics=None):
-    """Loss of a mini-batch processed as the given micro-batches; returns (total, parts, ∂/∂logp, ∂/∂H)."""
+def run_split(pm, cfg, batch, split, logprobs, entropy, metrics=None, step=0):
+    """Loss of a mini-batch (optimizer step ``step``) processed as the given micro-batches; returns
+    (total, parts, ∂/∂logp, ∂/∂H)."""
     r = split_loss(pm.hook, cfg, batch, split, logprobs, entropy, needs=Needs(entropy=True), max_len=L_MAX,
-                   metrics=metrics)
+                   metrics=metrics, step=step)
     return r.total, r.parts, r.logprob_grad, r.entropy_grad
 
 
@@ -487,4 +495,181 @@ def test_official_names_are_in_the_help():
                           ("off_min_clip", "off_policy_min_clip"), ("all_max_clip", "all_max_clip"),
                           ("target_probs", "use_off_policy_probs"), ("entropy_target", "use_adaptive_temperature"),
                           ("shaping_weight", "off_policy_reshape_weight"), ("on_shaping_weight", "on_policy_reshape_weight")]:
+        assert official in help_of[key], key
+
+
+# --- the learned entropy coefficient (use_adaptive_temperature_fixed=False) ----------------------------
+# shaping_batch's rows, entropy 2.0 on the rollouts and 0.5 on the demo, H* = 1, entropy_coef 0.001,
+# alpha_lr 0.01. Optimizer step 0, micro-batches [[r0, r1], [demo]]: H̄ = 2 and 0.5, α₀ = 0.001.
+#   entropy term −α₀·(2 + 0.5) = −0.0025;  ∂/∂log α = α₀·((2 − 1) + (0.5 − 1)) = 0.0005
+# AdamW's first step (m̂ = g, v̂ = g²): log α₁ = log α₀·(1 − lr·0.01) − lr·g/(|g| + 1e-8)
+
+LEARNED = dict(aggregation="official", entropy_target=1.0, entropy_target_mode="learned")
+G0 = 0.001 * ((2 - 1) + (0.5 - 1))
+LOG_ALPHA_1 = math.log(0.001) * (1 - 0.01 * 0.01) - 0.01 * G0 / (G0 + 1e-8)  # −6.9170643
+
+
+def alpha_state(pm):
+    return pm.get_plugin("algorithm:luffy").state_dict()["alpha"]
+
+
+def test_learned_entropy_coefficient_one_update_by_hand():
+    cfg = LUFFYConfig(**LEARNED)
+    pm = bound_manager(cfg)
+    batch, lp = shaping_batch(pm, cfg)
+    ent = fill(batch, [2.0, 2.0, 0.5])
+    _, parts, _, g_ent = run_split(pm, cfg, batch, [[0, 1], [2]], lp, ent)
+    assert parts["entropy"] == pytest.approx(-0.001 * 2.5, rel=1e-6)
+    assert torch.allclose(g_ent, fill(batch, [-0.001 / 4, -0.001 / 4, -0.001 / 2]), atol=1e-9)  # sg(α)/tokens
+    state = alpha_state(pm)
+    assert state["step"] == 0 and float(state["grad"]) == pytest.approx(G0, rel=1e-6)
+    assert float(state["log_alpha"]) == pytest.approx(math.log(0.001), rel=1e-7)  # stepped after the mini-batch
+    # optimizer step 1, one micro-batch: α₁ = e^−6.9170643 = 0.00099073, H̄ = (4·2 + 2·0.5)/6 = 1.5
+    _, parts, _, g_ent = run_split(pm, cfg, batch, [[0, 1, 2]], lp, ent, step=1)
+    alpha1 = math.exp(LOG_ALPHA_1)
+    assert alpha1 == pytest.approx(0.00099073417, rel=1e-7)
+    state = alpha_state(pm)
+    assert float(state["log_alpha"]) == pytest.approx(LOG_ALPHA_1, rel=1e-6)
+    assert parts["entropy"] == pytest.approx(-alpha1 * 1.5, rel=1e-5)
+    assert torch.allclose(g_ent, -alpha1 / 6 * batch.token_mask, rtol=1e-5, atol=0)
+    assert float(state["grad"]) == pytest.approx(alpha1 * (1.5 - 1.0), rel=1e-5)
+    # the other strategies give other numbers: plain −0.001·H̄ per micro-batch, fixed −0.001·H* per micro-batch
+    plain = run_split(pm, LUFFYConfig(aggregation="official"), batch, [[0, 1, 2]], lp, ent)[1]["entropy"]
+    fixed = run_split(pm, LUFFYConfig(aggregation="official", entropy_target=1.0), batch, [[0, 1], [2]], lp, ent)[1]
+    assert plain == pytest.approx(-0.0015) and fixed["entropy"] == pytest.approx(-0.002)
+
+
+def test_learned_entropy_coefficient_clamp_stops_its_gradient():
+    """alpha_max 0.0005 < α₀: the bonus uses 0.0005 and log α gets a zero gradient, so AdamW's first step
+    only decays it: log α₁ = log α₀·(1 − 0.01·0.01)."""
+    cfg = LUFFYConfig(**LEARNED, alpha_max=0.0005)
+    pm = bound_manager(cfg)
+    batch, lp = shaping_batch(pm, cfg)
+    ent = fill(batch, [2.0, 2.0, 0.5])
+    _, parts, _, _ = run_split(pm, cfg, batch, [[0, 1], [2]], lp, ent)
+    assert parts["entropy"] == pytest.approx(-0.0005 * 2.5, rel=1e-6)
+    run_split(pm, cfg, batch, [[0, 1, 2]], lp, ent, step=1)
+    assert float(alpha_state(pm)["log_alpha"]) == pytest.approx(math.log(0.001) * (1 - 1e-4), rel=1e-7)
+
+
+def test_learned_entropy_coefficient_resumes_exactly(tmp_path):
+    """3 steps straight vs 2 steps, then resumed from the step-2 checkpoint: the same α every step (its AdamW
+    moments and the gradient of the pending step are in the checkpoint), the same weights."""
+    from posttrain.logging import read_metrics
+    from posttrain.run import train
+    from posttrain.testing import make_tiny_model, tiny_config
+
+    model = make_tiny_model(tmp_path / "m")
+    over = {"rollout.n": 3, "save_every": 2, "algorithm.alpha_lr": 0.5, **{f"algorithm.{k}": v for k, v in LEARNED.items()}}
+    train(tiny_config(model, tmp_path / "full", algorithm="luffy", steps=3, overrides=over), base=None)
+    train(tiny_config(model, tmp_path / "resumed", algorithm="luffy", steps=2, overrides=over), base=None)
+    train(tiny_config(model, tmp_path / "resumed", algorithm="luffy", steps=3, overrides=over), base=None)
+    full, resumed = (read_metrics(tmp_path / d / "metrics.jsonl") for d in ("full", "resumed"))
+    coefs = [r["luffy/entropy_coef"] for r in full]
+    assert coefs[0] == pytest.approx(0.001) and coefs[1] != pytest.approx(0.001) and coefs[2] != pytest.approx(coefs[1])
+    assert [r["step"] for r in resumed] == [1, 2, 3]
+    for a, b in zip(full, resumed):
+        assert {k: v for k, v in a.items() if not k.startswith(("time/", "perf/"))} == \
+               {k: v for k, v in b.items() if not k.startswith(("time/", "perf/"))}
+    from transformers import AutoModelForCausalLM
+
+    wa, wb = (AutoModelForCausalLM.from_pretrained(tmp_path / d / "checkpoints" / "step-000003").state_dict()
+              for d in ("full", "resumed"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+# --- target_probs from the data (use_off_policy_probs=True, the batch key target_probs) ------------------
+
+
+def test_target_probs_read_from_the_data_field(pm):
+    """The row's target_logprobs [log .2, log .5] become the demo's π_teacher: f = π_θ/(π_teacher + 1e-6) =
+    [0.1/0.200001, 0.5/0.500001]; pg_off = −(1/3)·Σf/16 and ∂/∂log p = −(1/3)·f/16 per token."""
+    cfg = LUFFYConfig(target_probs=True)
+    g = group([1, 0], [2, 2], 2, "train.jsonl:3")
+    g.example.meta["target_logprobs"] = [math.log(0.2), math.log(0.5)]
+    _, _, batch = compose_and_batch(pm, cfg, [g])
+    assert batch.sampling_logprobs[2].tolist() == pytest.approx([math.log(0.2), math.log(0.5)])
+    batch.old_logprobs = fill(batch, [math.log(0.25)] * 2 + [0.0])
+    lp = fill(batch, [math.log(0.5)] * 2 + [[math.log(p) for p in P_DEMO]])
+    _, parts, g_lp, _ = run_split(pm, cfg, batch, [[0, 1, 2]], lp, torch.zeros_like(lp))
+    f = [0.1 / 0.200001, 0.5 / 0.500001]
+    assert parts["pg_off"] == pytest.approx(-(1 / 3) * sum(f) / L_MAX, rel=1e-6)  # −0.0312497; p_div_p: −0.0277778
+    assert torch.allclose(g_lp[2, :2], torch.tensor([-(1 / 3) * x / L_MAX for x in f]), atol=1e-8)
+
+
+def test_target_probs_one_list_per_demonstration(pm):
+    cfg = LUFFYConfig(target_probs=True, n_off=2)
+    g = sized_group([0, 1], [2, 2], demo_lens=(2, 3), uid="train.jsonl:5")
+    g.example.meta["target_logprobs"] = [[-0.1, -0.2], [-0.3, -0.4, -0.5], [-9.0]]
+    g = pm.hook.compose_group(group=g, config=cfg, step=0, metrics=Metrics())
+    assert [m.sampling_logprobs for m in g.members[2:]] == [[-0.1, -0.2], [-0.3, -0.4, -0.5]]
+
+
+@pytest.mark.parametrize("meta, message", [
+    ({}, "train.jsonl:3: field 'target_logprobs' is missing"),
+    ({"target_logprobs": [-0.1, -0.2, -0.3]}, "train.jsonl:3: field 'target_logprobs' has 3 values, the demonstration "
+                                              "is 2 tokens (EOS included)"),
+    ({"target_logprobs": [-0.1, "x"]}, "train.jsonl:3: field 'target_logprobs' must be a list of numbers"),
+])
+def test_target_probs_data_errors_name_the_row_and_field_before_sampling(pm, meta, message):
+    from posttrain.data import DataError
+
+    g = group([], [], 2, "train.jsonl:3")  # drawn, not yet sampled
+    g.example.meta.update(meta)
+    with pytest.raises(DataError) as e:  # rollout_requests runs before the rollout engine
+        pm.hook.rollout_requests(groups=[g], requests=[], config=LUFFYConfig(target_probs=True), step=0, metrics=Metrics())
+    assert message in str(e.value) and "algorithm.target_probs: false" in str(e.value) and "\n" not in str(e.value)
+    assert pm.hook.rollout_requests(groups=[g], requests=[], config=LUFFYConfig(), step=0, metrics=Metrics()) is None
+
+
+def test_target_probs_end_to_end_and_the_cli_line(tmp_path, capsys):
+    """A JSONL whose rows carry the teacher's log-probs trains; a row without them stops `posttrain train` with one
+    line naming file:line and the field, exit code 2."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from posttrain.cli import main
+    from posttrain.data import make_arithmetic
+    from posttrain.logging import read_metrics
+    from posttrain.run import train
+    from posttrain.testing import make_tiny_model, tiny_config
+
+    rows = [{"prompt": ex.prompt, "answer": ex.answer, "demos": ex.demonstrations,
+             "target_logprobs": [[math.log(0.5)] * (len(d) + 1) for d in ex.demonstrations]}  # char tokens + EOS
+            for ex in make_arithmetic(n=8, seed=0)]
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+    good.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    del rows[1]["target_logprobs"]
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model = make_tiny_model(tmp_path / "m")
+    over = {"rollout.n": 3, "algorithm.target_probs": True, "trainer.prompts_per_step": 8, "data.shuffle": False}
+    train(tiny_config(model, tmp_path / "run", algorithm="luffy", steps=1, overrides={**over, "data.train": str(good)}),
+          base=None)
+    (row,) = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert row["train/rows"] == 8 * 4 and row["loss/pg_off"] != 0.0 and math.isfinite(row["loss/total"])
+    cfg = tmp_path / "bad.yaml"
+    OmegaConf.save(OmegaConf.create(tiny_config(model, tmp_path / "bad", algorithm="luffy", steps=1,
+                                                overrides={**over, "data.train": str(bad)})), cfg)
+    capsys.readouterr()
+    assert main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bad.jsonl:2: field 'target_logprobs' is missing" in err[0], err
+
+
+@pytest.mark.parametrize("section, expected", [
+    ({"entropy_target_mode": "sac"}, "entropy_target_mode 'sac' is not one of fixed | learned"),
+    ({"entropy_target_mode": "learned", "aggregation": "official"}, "entropy_target_mode: learned needs entropy_target"),
+    ({"alpha_lr": 0.0}, "alpha_lr and alpha_max must be > 0"),
+])
+def test_learned_entropy_option_errors(section, expected):
+    _, problems = validate_algorithm({"name": "luffy", **section}, LUFFYConfig)
+    assert any(expected in p for p in problems), problems
+
+
+def test_learned_and_target_options_name_the_official_keys():
+    help_of = {k: f.metadata["help"] for k, f in LUFFYConfig.__dataclass_fields__.items()}
+    for key, official in [("entropy_target_mode", "use_adaptive_temperature_fixed"), ("alpha_lr", "alpha_lr"),
+                          ("alpha_max", "adaptive_temperature_clip"), ("entropy_target", "adaptive_temperature_target_entropy"),
+                          ("target_logprobs_key", "target_probs")]:
         assert official in help_of[key], key
