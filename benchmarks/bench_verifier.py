@@ -10,21 +10,24 @@ Three batches, each of ``--answers`` items, 8 rollouts per gold (as in training)
   that never finishes; the script prints the bound the issue sets for it,
   hanging × timeout ÷ workers + 10 % of the clean time, next to the measured time.
 
+Rounds are interleaved (1 worker, 2 workers, 1 worker, ...; both pools stay up) and each time
+printed is the median over ``--rounds``, so load changes on a shared machine hit both alike.
 Prints numbers only (no pass/fail): the machine they run on decides them.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 HANG = r"\boxed{9^{9^{9^{9^{9^{9^{9}}}}}}}"
 
 
-def batches(n: int, hang_frac: float) -> dict[str, list[tuple[str, str]]]:
+def batches(n: int, hang_frac: float, first_gold: int = 0) -> dict[str, list[tuple[str, str]]]:
     numeric, symbolic = [], []
     for i in range(n):
-        g = i // 8  # 8 rollouts per prompt share a gold
+        g = first_gold + i // 8  # 8 rollouts per prompt share a gold
         right = i % 2 == 0
         numeric.append((f"so the answer is \\boxed{{{g * 7 + (0 if right else 1)}}}", str(g * 7)))
         a, b = g % 9 + 1, 4 if g % 2 else 8
@@ -40,35 +43,42 @@ def main(argv: list[str] | None = None) -> dict[str, dict[int, float]]:
     ap.add_argument("--timeout", type=float, default=1.0, help="verifier.timeout_s")
     ap.add_argument("--hang-frac", type=float, default=0.05)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args(argv)
 
     from posttrain.config import VerifierConfig
     from posttrain.verify import build_verifier
 
     data = batches(args.answers, args.hang_frac)
+    times: dict[str, dict[int, list[float]]] = {k: {w: [] for w in args.workers} for k in data}
+    counts: dict[tuple[str, int], tuple[float, int]] = {}
+    pools = {w: build_verifier("math", VerifierConfig(timeout_s=args.timeout, workers=w)) for w in args.workers}
+    try:
+        for v in pools.values():
+            v.verify(data["symbolic"][:8])  # start the workers (import math-verify, sympy)
+        for r in range(args.rounds):
+            # New golds every round, as every training step brings new prompts: no worker has them parsed yet.
+            data = batches(args.answers, args.hang_frac, first_gold=1 + r * args.answers)
+            for workers, v in pools.items():
+                for name, items in data.items():
+                    t = time.perf_counter()
+                    res = v.verify(items)
+                    times[name][workers].append(time.perf_counter() - t)
+                    counts[name, workers] = (sum(r.reward for r in res), sum(r.status == "timeout" for r in res))
+    finally:
+        for v in pools.values():
+            v.close()
     out: dict[str, dict[int, float]] = {k: {} for k in data}
     for workers in args.workers:
-        v = build_verifier("math", VerifierConfig(timeout_s=args.timeout, workers=workers))
-        try:
-            v.verify(data["symbolic"][:8])  # start the workers (import math-verify, sympy)
-            clean_s = None
-            for name, items in data.items():
-                t = time.perf_counter()
-                res = v.verify(items)
-                dt = time.perf_counter() - t
-                out[name][workers] = dt
-                hung = sum(r.status == "timeout" for r in res)
-                right = sum(r.reward for r in res)
-                line = (f"{name:9s} workers={workers}: {len(items)} answers in {dt:6.2f} s = "
-                        f"{len(items) / dt:8,.0f} answers/s  (correct {right:.0f}, timeouts {hung})")
-                if name == "symbolic":
-                    clean_s = dt
-                if name == "hanging" and clean_s is not None:
-                    bound = hung * args.timeout / workers + 1.1 * clean_s
-                    line += f"  bound {bound:.2f} s"
-                print(line, flush=True)
-        finally:
-            v.close()
+        for name, items in data.items():
+            dt = out[name][workers] = statistics.median(times[name][workers])
+            right, hung = counts[name, workers]
+            line = (f"{name:9s} workers={workers}: {len(items)} answers in {dt:6.2f} s = "
+                    f"{len(items) / dt:8,.0f} answers/s  (correct {right:.0f}, timeouts {hung})")
+            if name == "hanging":
+                bound = hung * args.timeout / workers + 1.1 * out["symbolic"][workers]
+                line += f"  bound {bound:.2f} s"
+            print(line, flush=True)
     return out
 
 

@@ -76,4 +76,5 @@ def test_bench_vs_trl_smoke_without_trl(capsys):
     assert "trl_s" not in row and row["posttrain_s"] > 0 and row["raw_s"] > 0
     assert 0 < row["rollout_frac"] < 1 and 0 < row["train_frac"] < 1
     assert 1 <= row["posttrain_len"] <= 32
+    assert row["posttrain_cpu"] > 0 and row["raw_cpu"] > 0  # CPU seconds per step, beside the wall clock
     assert "posttrain/raw" in capsys.readouterr().out

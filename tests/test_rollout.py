@@ -142,3 +142,53 @@ def test_sampled_logprobs_are_the_trainers(model_dir, tok):
 def test_negative_top_k_is_a_config_error():
     _, problems = validate_core(OmegaConf.create({"algorithm": {"name": "grpo"}, "rollout": {"top_k": -1}}))
     assert "rollout.top_k: must be >= 0 (0 is off), got -1." in problems
+
+
+@pytest.mark.slow
+def test_compiled_decode_equals_eager(model_dir, tok):
+    """rollout.compile: the static-cache, torch.compile'd decode step gives the greedy tokens of
+    ``generate`` (rows leave the batch at different steps) and the trainer's log-probs to 1e-5,
+    for sampling too; it did compile (no fallback to eager)."""
+    model = _model(model_dir, tok, eos_scale=2.0)
+    prompts = _ids(tok, TEXTS)
+    engine = HFRolloutEngine(model, tok, batch_size=16, compile=True)
+    out = engine.generate(prompts, SamplingParams(n=2, temperature=0.0, max_new_tokens=24))
+    assert engine.compile  # still on: the compiled step ran
+    for prompt, trajs in zip(prompts, out):
+        ref = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=24, top_k=None,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[0, len(prompt):].tolist()
+        for t in trajs:
+            assert t.response_ids == ref
+            lp = _teacher_forced(model, prompt, t.response_ids, 1.0)
+            assert torch.allclose(torch.tensor(t.sampling_logprobs, dtype=torch.float64), lp, atol=1e-5, rtol=0)
+    torch.manual_seed(0)
+    out = engine.generate(prompts, SamplingParams(n=4, temperature=0.7, max_new_tokens=8))
+    ends = set()
+    for prompt, trajs in zip(prompts, out):
+        for t in trajs:
+            assert t.finished == (t.response_ids[-1] == tok.eos_token_id) and tok.eos_token_id not in t.response_ids[:-1]
+            lp = _teacher_forced(model, prompt, t.response_ids, 0.7)
+            assert torch.allclose(torch.tensor(t.sampling_logprobs, dtype=torch.float64), lp, atol=1e-5, rtol=0)
+            ends.add(t.finished)
+    assert ends == {True, False} and engine.compile
+
+
+def test_compile_failure_falls_back_to_eager(model_dir, tok, monkeypatch, caplog):
+    """A compile that fails (no C++ compiler, an untraceable model) costs one warning; the chunk
+    is decoded eagerly, with the same greedy tokens, and compile stays off afterwards."""
+    model = _model(model_dir, tok, eos_scale=2.0)
+    prompts = _ids(tok, TEXTS[:3])
+    params = SamplingParams(n=2, temperature=0.0, max_new_tokens=12)
+    expected = HFRolloutEngine(model, tok).generate(prompts, params)
+
+    def broken(*a, **kw):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    engine = HFRolloutEngine(model, tok, compile=True)
+    with caplog.at_level("WARNING"):
+        out = engine.generate(prompts, params)
+    assert [[t.response_ids for t in g] for g in out] == [[t.response_ids for t in g] for g in expected]
+    assert not engine.compile
+    assert [r.getMessage() for r in caplog.records if "rollout.compile" in r.getMessage()] == [
+        "rollout.compile: the compiled decode step failed (RuntimeError: no C++ compiler found); decoding eagerly from now on"]

@@ -13,7 +13,7 @@ from .base import RolloutEngine, SamplingParams  # noqa: F401  (re-exported)
 def hf_engine(model: Any, tokenizer: Any, config: Any) -> RolloutEngine:
     from .hf import HFRolloutEngine
 
-    return HFRolloutEngine(model, tokenizer, batch_size=config.batch_size)
+    return HFRolloutEngine(model, tokenizer, batch_size=config.batch_size, compile=config.compile)
 
 
 def generate_requests(engine: RolloutEngine, prompts: list[list[int]], requests: list[Any], params: SamplingParams, *,
