@@ -728,8 +728,9 @@ def check_async_run(name: str, run_dir: str | Path, *, model_dir: str | Path | N
                     overrides: dict[str, Any] | None = None, plugins: Sequence[Any] = ()) -> dict[str, Any]:
     """``name`` with asynchronous rollouts (``rollout.max_staleness=1``, pipelined, ``is_cap=2``):
     ``check_two_step_run`` for ``steps`` steps, then the async resume check: the same run stopped
-    after ``steps − 1`` steps (its checkpoint holds the step sampled ahead) and resumed must equal
-    the uninterrupted one bit for bit: every metric but wall-clock times, and the final weights.
+    after ``steps − 2`` steps and resumed must equal the uninterrupted one bit for bit (every
+    metric but wall-clock times, and the final weights). The resumed part trains one step sampled
+    before the stop (held by the checkpoint) and one planned and sampled after it.
     Plugins' producer-side hooks (plan_step, add_groups, rollout_requests) run one step ahead of
     the trainer side here; their state must survive the checkpoint like everything else.
     Returns ``check_two_step_run``'s report."""
@@ -740,10 +741,13 @@ def check_async_run(name: str, run_dir: str | Path, *, model_dir: str | Path | N
     from .run import train
 
     run_dir = Path(run_dir)
-    over = {**ASYNC_K1, "save_every": steps - 1, **(overrides or {})}
+    if steps < 3:
+        raise ValueError(f"check_async_run: steps must be >= 3, got {steps}")
+    stop = steps - 2
+    over = {**ASYNC_K1, "save_every": stop, **(overrides or {})}
     report = check_two_step_run(name, run_dir / "full", model_dir=model_dir, steps=steps, overrides=over, plugins=plugins)
     model = model_dir or run_dir / "full" / "base-model"
-    for n in (steps - 1, steps):  # stopped after steps − 1, then resumed (resume: auto)
+    for n in (stop, steps):  # stopped, then resumed (resume: auto)
         train(tiny_config(model, run_dir / "resumed", algorithm=name, steps=n, overrides=over), base=None, plugins=list(plugins))
     full, resumed = read_metrics(run_dir / "full" / "metrics.jsonl"), read_metrics(run_dir / "resumed" / "metrics.jsonl")
     where = f"async resume check of {name} ({run_dir})"

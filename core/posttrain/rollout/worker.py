@@ -208,10 +208,13 @@ class RolloutWorker:
 
 def _main(config, tokenizer, buffer, cmd, res, lock, version, mode, threads, seed, batch_size, probe) -> None:
     """The worker process: load, generate, report, until ``stop``."""
+    import multiprocessing
+    import signal
     import traceback
 
     from ..threads import limit_worker
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle: it saves, then stops us
     limit_worker(threads)
     try:
         from transformers import AutoModelForCausalLM
@@ -235,8 +238,14 @@ def _main(config, tokenizer, buffer, cmd, res, lock, version, mode, threads, see
             loaded = v
             res.put(("loaded", v, loaded, probe_logprobs(model, probe)))
 
+        parent = multiprocessing.parent_process()
         while True:
-            msg = cmd.get()
+            try:
+                msg = cmd.get(timeout=5.0)
+            except queue.Empty:
+                if parent is not None and not parent.is_alive():  # the trainer was killed: do not outlive it
+                    break
+                continue
             if msg[0] == "stop":
                 break
             if msg[0] == "load":

@@ -154,6 +154,7 @@ class AsyncRollouts:
         from ..rollout.worker import RolloutWorker
 
         trainer, worker = thread_split(self.e.cfg.rollout.worker_threads)
+        self._threads_before = torch.get_num_threads()
         torch.set_num_threads(trainer)
         e = self.e
         self.worker = RolloutWorker(e.backend.model, e.tokenizer, mode=self.mode, threads=worker,
@@ -168,6 +169,7 @@ class AsyncRollouts:
         if self.worker is not None:
             self.worker.close()
             self.worker = None
+            torch.set_num_threads(self._threads_before)
 
     # --- checkpoint ------------------------------------------------------------------------------
 
