@@ -1,6 +1,6 @@
 """Synchronous loop vs asynchronous rollouts (rollout.max_staleness k = 1, 2), side by side.
 
-    python benchmarks/bench_async.py [--steps 6 --prompts 8 --n 4 --max-new-tokens 32]
+    python benchmarks/bench_async.py [--steps 10 --prompts 8 --n 4 --max-new-tokens 32]
 
 Same workload for every variant: GRPO on the synthetic arithmetic task, ``--prompts`` prompts ×
 ``--n`` samples per step, random-weight tiny models (hidden 64 and hidden 256, built locally), so
@@ -8,7 +8,8 @@ every response runs to ``--max-new-tokens``. The synchronous loop uses all of to
 threads for rollouts and training in turn; the async variants split them (``rollout.worker_threads``
 auto: half to the rollout worker process, the rest to the trainer), which the table states.
 
-Per variant, over the steps after the first (worker start-up and the first k queued steps):
+Per variant, over the steps after the first k + 1 (worker start-up, and the k steps sampled
+during it, which would flatter the async variants):
 steps/s, trained tokens/s (prompt + response, ``train/tokens``), generated tokens/s, and the
 share of the step each side waited: the trainer waiting for rollouts (sync: the rollout time,
 async: ``async/wait_s``) and the rollout side idle (sync: the training time; async: the step time
@@ -28,9 +29,10 @@ VARIANTS = {"sync": {}, "async k=1": {"rollout.max_staleness": 1}, "async k=2": 
 MODELS = {"tiny (hidden 64)": {"hidden": 64, "layers": 2}, "hidden 256": {"hidden": 256, "layers": 4}}
 
 
-def summarize(rows: list[dict]) -> dict[str, float]:
-    """Throughput and waiting shares of a run's metrics rows, the first (warm-up) left out."""
-    rows = rows[1:] if len(rows) > 1 else rows
+def summarize(rows: list[dict], skip: int = 1) -> dict[str, float]:
+    """Throughput and waiting shares of a run's metrics rows, the first ``skip`` left out: start-up,
+    and with k steps queued ahead the steps whose rollouts were sampled during the start-up."""
+    rows = rows[skip:] if len(rows) > skip else rows
     wall = sum(r["time/step_s"] for r in rows)
     generated = sum(r.get("rollout/response_length", 0.0) * r.get("train/rows", 0.0) for r in rows)
     rollout = sum(r.get("time/rollout_s", 0.0) for r in rows)
@@ -49,12 +51,12 @@ def run_variant(model: Path, run_dir: Path, over: dict, args: argparse.Namespace
     over = {"rollout.n": args.n, "rollout.max_new_tokens": args.max_new_tokens, "trainer.prompts_per_step": args.prompts,
             "rollout.is_cap": 2.0, "algorithm.entropy_coef": 0.01, "data.train": "synthetic:arithmetic?n=512&seed=0", **over}
     train(tiny_config(model, run_dir, steps=args.steps, overrides=over), base=None)
-    return summarize(read_metrics(run_dir / "metrics.jsonl"))
+    return summarize(read_metrics(run_dir / "metrics.jsonl"), skip=1 + over.get("rollout.max_staleness", 0))
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=32)
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {policy.line()}; load average {os.getloadavg()[0]:.2f} (other users' work shares these cores)")
     print(f"# sync: {policy.threads} threads for rollouts and training in turn; async: trainer {trainer} + worker {worker}")
     print(f"# workload: GRPO, {args.prompts} prompts x {args.n} samples, {args.max_new_tokens} new tokens, "
-          f"{args.steps} steps (first left out)")
+          f"{args.steps} steps (the first k + 1 left out)")
     with tempfile.TemporaryDirectory() as tmp:
         header = f"{'model':18} {'variant':10} {'steps/s':>8} {'train tok/s':>11} {'gen tok/s':>9} {'trainer waited':>14} {'rollout waited':>14}"
         if not args.json:

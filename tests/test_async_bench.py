@@ -34,3 +34,8 @@ def test_summary_of_an_async_run_by_hand():
     assert s["steps_per_s"] == 1.0 and s["train_tokens_per_s"] == 300
     assert s["trainer_waited"] == pytest.approx(0.1)  # async/wait_s, not the worker's rollout time
     assert s["rollout_side_waited"] == pytest.approx(0.2)
+
+
+def test_the_queued_start_up_steps_are_left_out():
+    rows = [{"time/step_s": 9.0, "train/tokens": 1}] * 3 + [{"time/step_s": 1.0, "train/tokens": 10}]
+    assert _bench().summarize(rows, skip=3)["steps_per_s"] == 1.0
