@@ -229,3 +229,44 @@ def test_free_mode_resume_trains_every_prompt_exactly_once(model_dir, tmp_path):
 
 def test_no_worker_process_is_left_behind():
     assert [p for p in multiprocessing.active_children() if p.name == "posttrain-rollout-worker"] == []
+
+
+def test_the_worker_does_not_outlive_a_killed_trainer(model_dir, tmp_path):
+    # The trainer is SIGKILLed (no finally runs): its worker notices and exits by itself.
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "trainer.py"
+    script.write_text(
+        "import sys, time\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "from posttrain.rollout.worker import RolloutWorker\n"
+        "from posttrain.tiny import tiny_tokenizer\n"
+        "if __name__ == '__main__':\n"
+        f"    model = AutoModelForCausalLM.from_pretrained({str(model_dir)!r})\n"
+        "    w = RolloutWorker(model, tiny_tokenizer(), mode='pipelined', threads=1, seed=0, batch_size=8)\n"
+        "    w.push(model, 0)\n"
+        "    w._receive(block=True)\n"  # the load's answer: the worker is up
+        "    print(w.proc.pid, flush=True)\n"
+        "    time.sleep(600)\n")
+    trainer = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(trainer.stdout.readline())
+        trainer.send_signal(signal.SIGKILL)
+        trainer.wait(timeout=60)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.5)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            pytest.fail(f"rollout worker {pid} outlived its killed trainer by 120 s")
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
