@@ -71,8 +71,7 @@ class Engine:
         if self.reference is not None and hasattr(self.backend, "prepare_reference"):
             # ZeRO-3: partitioned too (its head whole when a full-vocabulary loss reads it per chunk)
             self.reference = self.backend.prepare_reference(self.reference, full_head=self.needs.reference_vocab)
-        r = config.rollout
-        self.sampling_params = SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens)
+        self.sampling_params = SamplingParams(**{k: getattr(config.rollout, k) for k in ("n", "temperature", "top_p", "top_k", "max_new_tokens")})
         self.rollout = self.async_rollouts = None
         if self.needs.rollouts:
             engines = build_registry(pm, "register_rollout_engines")
