@@ -25,8 +25,9 @@ from .registry import load_registry, repo_root  # noqa: E402
 def _user_errors():
     from .checkpoint import CheckpointError
     from .data import DataError
+    from .rollout.worker import WeightSyncError
 
-    return (ConfigError, PluginError, DataError, CheckpointError, FileNotFoundError)
+    return (ConfigError, PluginError, DataError, CheckpointError, FileNotFoundError, WeightSyncError)
 
 
 def apply_threads(value: object, key: str) -> None:

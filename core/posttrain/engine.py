@@ -35,7 +35,7 @@ from .metrics import Metrics, log_rewards, log_rollouts
 from .plugins import build_registry, pick
 from .loss import add_statistics, finish_statistics, micro_batch_loss
 from .rollout import SamplingParams, generate_requests
-from .train import lockstep
+from .train import async_loop, lockstep
 from .train.forward import logprobs_in_micro_batches
 from .types import Example, GroupSelection, PromptGroup, RolloutRequest, StepPlan, Totals, Trajectory, TrainBatch
 
@@ -71,10 +71,12 @@ class Engine:
         if self.reference is not None and hasattr(self.backend, "prepare_reference"):
             # ZeRO-3: partitioned too (its head whole when a full-vocabulary loss reads it per chunk)
             self.reference = self.backend.prepare_reference(self.reference, full_head=self.needs.reference_vocab)
-        self.rollout = None
+        self.sampling_params = SamplingParams(**{k: getattr(config.rollout, k) for k in ("n", "temperature", "top_p", "top_k", "max_new_tokens")})
+        self.rollout = self.async_rollouts = None
         if self.needs.rollouts:
             engines = build_registry(pm, "register_rollout_engines")
             self.rollout = pick(engines, config.rollout.engine, "rollout.engine")(self.model, self.tokenizer, config.rollout)
+        self.async_rollouts = async_loop.AsyncRollouts(self) if self.rollout is not None and config.rollout.max_staleness else None  # sampled ahead, in a worker
         verifiers = build_registry(pm, "register_verifiers")
         self.verifier_factory = pick(verifiers, config.verifier.name, "verifier.name")
         self._verifier_obj = None  # worker processes start on first use
@@ -139,6 +141,8 @@ class Engine:
             self.logger.close()
             if self._verifier_obj is not None:
                 self._verifier_obj.close()
+            if self.async_rollouts is not None:
+                self.async_rollouts.close()
 
     def train_step(self) -> dict[str, float]:
         """One rollout step and the optimizer steps it feeds."""
@@ -188,19 +192,15 @@ class Engine:
 
     def step_groups(self, m: Metrics) -> list[PromptGroup]:
         """The step's verified groups: planned, drawn, added, sampled, composed, verified, selected."""
-        step, r = self.step, self.cfg.rollout
-        plan = self.hook.plan_step(config=self.algo, step=step, metrics=m) or StepPlan()
-        sampling = self.needs.rollouts and plan.rollouts
-        n_prompts = self.cfg.trainer.prompts_per_step if plan.prompts is None else plan.prompts
-        fresh = self.draw(self.sampler, n_prompts, "train", m)
-        if self.offline_sampler is not None:
-            fresh += self.draw(self.offline_sampler, self.cfg.data.offline_per_step, "offline", m)
-        for added in self.hook.add_groups(config=self.algo, step=step, metrics=m, make_group=self.make_group):
-            fresh += list(added or [])
-        params = SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens)
+        step, params = self.step, self.sampling_params
+        if self.async_rollouts is None:
+            n_prompts, sampling, fresh = self.plan_and_draw(step, m)
+            fresh = self.sample(fresh, sampling, params, m)
+        else:  # planned, drawn and sampled up to max_staleness steps ago (train/async_loop.py)
+            n_prompts, sampling, fresh = self.async_rollouts.take(m)
+            fresh = self.finish_groups(fresh, m)
         kept, target = [], n_prompts // self.world
         for rounds in range(1, self.cfg.trainer.max_sampling_rounds + 1):
-            fresh = self.sample(fresh, sampling, params, m)
             selection = self.hook.select_groups(groups=kept + fresh, target=target, config=self.algo, step=step,
                                                 metrics=m) or GroupSelection(kept + fresh)
             kept, more = list(selection.groups), dist_utils.max_int(selection.more)  # every rank draws alike
@@ -209,11 +209,24 @@ class Engine:
             if rounds == self.cfg.trainer.max_sampling_rounds:
                 m.log("plan/rounds_capped", 1.0)
                 break
-            fresh = self.draw(self.sampler, more * self.world, "train", m)
+            fresh = self.sample(self.draw(self.sampler, more * self.world, "train", m), sampling, params, m)
         m.log("plan/rounds", float(rounds))
         m.log("plan/groups", float(len(kept)))
+        if self.async_rollouts is not None:  # trained vs generated response lengths
+            self.async_rollouts.log_trained(kept, m)
         self.hook.on_rollout_end(groups=kept, step=step, metrics=m)
         return kept
+
+    def plan_and_draw(self, step: int, m: Metrics) -> tuple[int, bool, list[PromptGroup]]:
+        """(prompts asked for, whether to sample, the groups): plan_step, drawn prompts, data.offline, add_groups."""
+        plan = self.hook.plan_step(config=self.algo, step=step, metrics=m) or StepPlan()
+        n_prompts = self.cfg.trainer.prompts_per_step if plan.prompts is None else plan.prompts
+        fresh = self.draw(self.sampler, n_prompts, "train", m)
+        if self.offline_sampler is not None:
+            fresh += self.draw(self.offline_sampler, self.cfg.data.offline_per_step, "offline", m)
+        for added in self.hook.add_groups(config=self.algo, step=step, metrics=m, make_group=self.make_group):
+            fresh += list(added or [])
+        return n_prompts, self.needs.rollouts and plan.rollouts, fresh
 
     def draw(self, sampler: PromptSampler, n: int, source: str, m: Metrics) -> list[PromptGroup]:
         # Every rank draws the same prompts and keeps every world-th one (distributed.py explains why).
@@ -222,12 +235,8 @@ class Engine:
 
     def sample(self, groups: list[PromptGroup], sampling: bool, params: SamplingParams, m: Metrics) -> list[PromptGroup]:
         """Roll out what ``rollout_requests`` asks for, then compose and verify every group."""
-        step = self.step
         if self.rollout is not None:
-            defaults = [RolloutRequest(n=params.n if sampling and g.source == "train" and not g.members else 0) for g in groups]
-            requests = self.hook.rollout_requests(groups=groups, requests=defaults, config=self.algo, step=step, metrics=m) or defaults
-            if len(requests) != len(groups):
-                raise ValueError(f"rollout_requests returned {len(requests)} requests for {len(groups)} groups")
+            requests = self.requests(groups, sampling, params, self.step, m)
             todo = [i for i, q in enumerate(requests) if q.n > 0]
             if dist_utils.max_int(len(todo)) > 0:  # HF generate under ZeRO-3 is collective: all ranks or none
                 threads.adapt()
@@ -238,7 +247,18 @@ class Engine:
                 for i, trajs in zip(todo, out):
                     groups[i].members = trajs
                 log_rollouts([groups[i] for i in todo], time.perf_counter() - t_roll, m)
-        groups = [self.hook.compose_group(group=g, config=self.algo, step=step, metrics=m) for g in groups]
+        return self.finish_groups(groups, m)
+
+    def requests(self, groups: list[PromptGroup], sampling: bool, params: SamplingParams, step: int, m: Metrics) -> list[RolloutRequest]:
+        defaults = [RolloutRequest(n=params.n if sampling and g.source == "train" and not g.members else 0) for g in groups]
+        requests = self.hook.rollout_requests(groups=groups, requests=defaults, config=self.algo, step=step, metrics=m) or defaults
+        if len(requests) != len(groups):
+            raise ValueError(f"rollout_requests returned {len(requests)} requests for {len(groups)} groups")
+        return requests
+
+    def finish_groups(self, groups: list[PromptGroup], m: Metrics) -> list[PromptGroup]:
+        """Sampled groups composed and verified; reward metrics; the verifier timeout policy."""
+        groups = [self.hook.compose_group(group=g, config=self.algo, step=self.step, metrics=m) for g in groups]
         self.verify(groups, m)
         log_rewards(groups, m)  # everything sampled, also what select_groups or the timeout policy drop
         return guards.apply_timeout_policy(groups, self.cfg.verifier.on_timeout, m)
@@ -297,7 +317,7 @@ class Engine:
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             return micro_batch_loss(self.hook, self.algo, self.step, self.backend.model, micro, m, needs=self.needs,
                                     reference=self.reference, temperature=self.cfg.rollout.temperature,
-                                    chunk=self.cfg.trainer.logprob_chunk, is_cap=self.cfg.rollout.is_cap)
+                                    chunk=self.cfg.trainer.logprob_chunk, is_cap=self.cfg.rollout.is_cap, is_mask=self.cfg.rollout.is_mask)
 
     # --- pieces --------------------------------------------------------------------------------
 
@@ -338,7 +358,7 @@ class Engine:
         rows = micro_batch_rows(batch, self.cfg.trainer.micro_batch_tokens, self.needs.whole_groups) if batch is not None else []
         n = dist_utils.max_int(len(rows))
         T, chunk = self.cfg.rollout.temperature, self.cfg.trainer.logprob_chunk
-        for wanted, model, field in ((self.updates_per_step > 1, self.backend.model, "old_logprobs"),
+        for wanted, model, field in ((self.updates_per_step > 1 or self.async_rollouts is not None, self.backend.model, "old_logprobs"),  # async: π_old ≠ π_sampling
                                      (self.needs.reference, self.reference, "ref_logprobs")):
             if not wanted:
                 continue

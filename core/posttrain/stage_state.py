@@ -45,6 +45,8 @@ def restore(engine: Any, resume_from: Path) -> int:
     ckpt.set_rng_state(ckpt.safe_load(own_rng) if own_rng.is_file() else rng)
     own_plugins = shards / _plugin_file(dist_utils.rank())
     load_plugin_state(engine.pm, ckpt.safe_load(own_plugins) if own_plugins.is_file() else state.get("plugins", {}))
+    if getattr(engine, "async_rollouts", None) is not None and "async" in state:
+        engine.async_rollouts.load_state_dict(state["async"])  # rollouts sampled ahead, the worker's RNG
     return state["step"]
 
 
@@ -65,6 +67,8 @@ def save(engine: Any) -> Path:
                  "plugins": plugin_state(engine.pm)}
         if engine.offline_sampler is not None:
             state["offline_sampler"] = engine.offline_sampler.state_dict()
+        if getattr(engine, "async_rollouts", None) is not None:
+            state["async"] = engine.async_rollouts.state_dict()
         path = ckpt.save_checkpoint(engine.run_dir, step, model=for_checkpoint(model, engine.tokenizer, engine.cfg.model.lora),
                                     tokenizer=engine.tokenizer,
                                     trainer_state=state, keep_last=engine.cfg.keep_checkpoints)

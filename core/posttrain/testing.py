@@ -6,8 +6,9 @@
   seconds-long run config on the synthetic arithmetic task;
 - the conformance suite a plugin runs in its own CI: ``check_algorithm_plugin(name)`` (every
   hook on tiny groups through the engine's loss path: types, shapes, finite gradients,
-  micro-batch invariance) and ``check_two_step_run(name, run_dir)`` (two real training steps),
-  both raising ``PluginContractError`` messages of the form ``"<hook>: <rule> (<case>)"``.
+  micro-batch invariance), ``check_two_step_run(name, run_dir)`` (two real training steps) and
+  ``check_async_run(name, run_dir)`` (asynchronous rollouts, k = 1, and their exact resume),
+  all raising ``PluginContractError`` messages of the form ``"<hook>: <rule> (<case>)"``.
 """
 
 from __future__ import annotations
@@ -718,3 +719,47 @@ def check_two_step_run(name: str, run_dir: str | Path, *, model_dir: str | Path 
              f"the final checkpoint {final} has non-finite weights", where)
     changed = any(not torch.equal(before[k], after[k]) for k in before)
     return {"final": Path(final), "metrics": rows, "changed": changed}
+
+
+ASYNC_K1 = {"rollout.max_staleness": 1, "rollout.is_cap": 2.0}
+
+
+def check_async_run(name: str, run_dir: str | Path, *, model_dir: str | Path | None = None, steps: int = 3,
+                    overrides: dict[str, Any] | None = None, plugins: Sequence[Any] = ()) -> dict[str, Any]:
+    """``name`` with asynchronous rollouts (``rollout.max_staleness=1``, pipelined, ``is_cap=2``):
+    ``check_two_step_run`` for ``steps`` steps, then the async resume check: the same run stopped
+    after ``steps − 2`` steps and resumed must equal the uninterrupted one bit for bit (every
+    metric but wall-clock times, and the final weights). The resumed part trains one step sampled
+    before the stop (held by the checkpoint) and one planned and sampled after it.
+    Plugins' producer-side hooks (plan_step, add_groups, rollout_requests) run one step ahead of
+    the trainer side here; their state must survive the checkpoint like everything else.
+    Returns ``check_two_step_run``'s report."""
+    from transformers import AutoModelForCausalLM
+
+    from .checkpoint import CHECKPOINTS_DIR, step_dir_name
+    from .logging import read_metrics
+    from .run import train
+
+    run_dir = Path(run_dir)
+    if steps < 3:
+        raise ValueError(f"check_async_run: steps must be >= 3, got {steps}")
+    stop = steps - 2
+    over = {**ASYNC_K1, "save_every": stop, **(overrides or {})}
+    report = check_two_step_run(name, run_dir / "full", model_dir=model_dir, steps=steps, overrides=over, plugins=plugins)
+    model = model_dir or run_dir / "full" / "base-model"
+    for n in (stop, steps):  # stopped, then resumed (resume: auto)
+        train(tiny_config(model, run_dir / "resumed", algorithm=name, steps=n, overrides=over), base=None, plugins=list(plugins))
+    full, resumed = read_metrics(run_dir / "full" / "metrics.jsonl"), read_metrics(run_dir / "resumed" / "metrics.jsonl")
+    where = f"async resume check of {name} ({run_dir})"
+    _require([r["step"] for r in resumed] == [r["step"] for r in full], "engine",
+             f"the resumed run logged steps {[r['step'] for r in resumed]}, the uninterrupted one {[r['step'] for r in full]}", where)
+    for a, b in zip(full, resumed):
+        for k in a:
+            if not k.startswith(("time/", "perf/", "async/wait_s")) and a[k] != b.get(k):
+                _require(False, "state_dict", f"step {a['step']}: {k} is {b.get(k)} after resuming, {a[k]} without "
+                         "stopping (a plugin's state or something sampled ahead did not survive the checkpoint)", where)
+    weights = [AutoModelForCausalLM.from_pretrained(d).state_dict()
+               for d in (report["final"], run_dir / "resumed" / CHECKPOINTS_DIR / step_dir_name(steps))]
+    _require(all(torch.equal(v, weights[1][k]) for k, v in weights[0].items()), "state_dict",
+             "the resumed run's final weights differ from the uninterrupted run's", where)
+    return report
