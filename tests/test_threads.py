@@ -285,3 +285,18 @@ def test_auto_drops_to_one_thread_beside_busy_neighbours_on_its_cores():
     line, counts = r.stdout.splitlines()
     assert line.startswith("threads: 2 intra-op per process (auto: 2 CPUs in affinity; fewer while other programs use them)")
     assert counts.startswith("[1, 2]")
+
+
+def test_set_count_moves_the_adaptive_ceiling(monkeypatch):
+    # An async run gives the rollout worker part of the cores: adaptation then works below the
+    # trainer's share, and gets the whole count back when the worker is closed.
+    set_to = []
+    monkeypatch.setattr(torch, "set_num_threads", set_to.append)
+    a = threads.Adaptive(4, sample=_Clock([0.0] * 20))
+    monkeypatch.setattr(threads, "_adaptive", a)
+    assert threads.ceiling() == 4
+    threads.set_count(2)
+    assert (threads.ceiling(), a.current, set_to) == (2, 2, [2])
+    assert [a() for _ in range(12)] == [2] * 12  # no probe above the new ceiling
+    threads.set_count(4)
+    assert (threads.ceiling(), a.current, set_to) == (4, 4, [2, 4])

@@ -238,6 +238,24 @@ def adapt() -> int:
     return torch.get_num_threads()
 
 
+def ceiling() -> int:
+    """The count this process was given (under ``auto``, before any adaptation lowered it)."""
+    import torch
+
+    return _adaptive.ceiling if _adaptive is not None else torch.get_num_threads()
+
+
+def set_count(n: int) -> None:
+    """Give this process ``n`` threads from now on, e.g. when it starts a rollout worker and
+    shares its cores with it: under ``auto`` that becomes the ceiling adaptation works below."""
+    import torch
+
+    torch.set_num_threads(n)
+    if _adaptive is not None:
+        _adaptive.ceiling = _adaptive.current = n
+        _adaptive.probing = False
+
+
 def run_queue_wait() -> tuple[float, float]:
     """(monotonic time, seconds this process's threads have spent runnable but waiting for a core,
     summed over threads, from /proc/self/task/*/schedstat). OSError where the kernel keeps no

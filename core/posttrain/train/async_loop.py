@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from .. import threads
 from ..metrics import Metrics, log_rollouts
 from ..types import Example, PromptGroup, Trajectory
 
@@ -154,8 +155,8 @@ class AsyncRollouts:
         from ..rollout.worker import RolloutWorker
 
         trainer, worker = thread_split(self.e.cfg.rollout.worker_threads)
-        self._threads_before = torch.get_num_threads()
-        torch.set_num_threads(trainer)
+        self._threads_before = threads.ceiling()
+        threads.set_count(trainer)  # under auto, adaptation continues below the trainer's share
         e = self.e
         self.worker = RolloutWorker(e.backend.model, e.tokenizer, mode=self.mode, threads=worker,
                                     seed=e.cfg.trainer.seed + 7919, batch_size=e.cfg.rollout.batch_size)
@@ -169,7 +170,7 @@ class AsyncRollouts:
         if self.worker is not None:
             self.worker.close()
             self.worker = None
-            torch.set_num_threads(self._threads_before)
+            threads.set_count(self._threads_before)
 
     # --- checkpoint ------------------------------------------------------------------------------
 
@@ -187,10 +188,8 @@ class AsyncRollouts:
 
 def thread_split(worker_threads: object) -> tuple[int, int]:
     """(trainer, worker) intra-op threads: the worker's share of the trainer's count, together within it."""
-    from ..threads import parse
-
-    total = torch.get_num_threads()
-    worker = parse(worker_threads, "rollout.worker_threads") or max(1, total // 2)
+    total = threads.ceiling()
+    worker = threads.parse(worker_threads, "rollout.worker_threads") or max(1, total // 2)
     return max(1, total - worker), worker
 
 
