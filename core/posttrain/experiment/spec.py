@@ -20,7 +20,8 @@ from ..plugins import installed_algorithms
 
 BASE_PLACEHOLDER = "<base model>"  # model.path until the base model's final checkpoint exists
 SPEC_KEYS = {"name", "out", "base_model", "config", "algorithms", "steps", "budget", "seeds", "grid",
-             "target_accuracy", "final_eval", "summaries", "smooth", "smoke"}
+             "target_accuracy", "final_eval", "summaries", "smooth", "smoke", "splits", "comparisons"}
+SPLIT_PREFIX = "split:"  # a config value "split:NAME" is the path of the spec's split NAME (OUT/splits/NAME.jsonl)
 FINAL_EVAL_KEYS = {"n", "k", "temperature", "top_p", "max_new_tokens", "max_problems"}
 REDUCERS = ("last", "first", "mean", "std", "var", "min", "max")
 FORBIDDEN_BUDGET_KEYS = ("trainer.steps", "trainer.seed", "run_dir")  # the spec's steps / seeds / OUT set these
@@ -46,6 +47,11 @@ class Spec:
     summaries: dict[str, dict] = field(default_factory=dict)
     smooth: int = 1
     smoke: dict[str, Any] = field(default_factory=dict)
+    comparisons: list[tuple[str, str]] = field(default_factory=list)  # (variant, variant or "base") pairs tested on pass@k
+    splits: Optional[dict] = None  # {"source": data source, "parts": {name: count}}: disjoint consecutive slices
+
+    def split_path(self, name: str) -> Path:
+        return (self.out / "splits" / f"{name}.jsonl").resolve()
 
 
 def _container(node: Any) -> Any:
@@ -137,6 +143,16 @@ def load_spec(path: str | Path, *, out: str | Path | None = None, smoke: bool = 
                 shrink["k"] = [k for k in final_eval.get("k", [1]) if isinstance(k, int) and k <= shrink["n"]] or [shrink["n"]]
             final_eval = {**final_eval, **shrink}
         problems += _check_final_eval(final_eval)
+    comparisons = raw.get("comparisons") or []
+    if not isinstance(comparisons, list) or not all(isinstance(c, list) and len(c) == 2 and all(isinstance(x, str) for x in c)
+                                                      for c in comparisons):
+        problems.append(f"comparisons: a list of [variant, variant] pairs (\"base\" is the base model), got {comparisons!r}")
+        comparisons = []
+    splits = raw.get("splits")
+    if splits is not None:
+        problems += _check_splits(splits, [algos, raw.get("config") or {}])
+    elif _split_refs([algos, raw.get("config") or {}]):
+        problems.append(f"'{SPLIT_PREFIX}{_split_refs([algos, raw.get('config') or {}])[0]}': the spec has no splits: section")
     base = None
     if raw.get("base_model") is not None:
         base = _load_partial(raw["base_model"], "base_model", spec_dir, problems)
@@ -151,7 +167,42 @@ def load_spec(path: str | Path, *, out: str | Path | None = None, smoke: bool = 
     return Spec(path=path, name=name, out=out_dir, algorithms=algos, steps=steps, seeds=list(seeds),
                 config=raw.get("config") or {}, base_model=base, budget=budget, grid=grid, target_accuracy=target,
                 final_eval=final_eval, summaries=summaries, smooth=smooth,
-                smoke={k: v for k, v in smoke_cfg.items() if not k.startswith("final_eval.")})
+                smoke={k: v for k, v in smoke_cfg.items() if not k.startswith("final_eval.")}, splits=splits,
+                comparisons=[tuple(c) for c in comparisons])
+
+
+def _split_refs(node: Any) -> list[str]:
+    """Every "split:NAME" string in a (nested) config."""
+    if isinstance(node, dict):
+        return [r for v in node.values() for r in _split_refs(v)]
+    if isinstance(node, list):
+        return [r for v in node for r in _split_refs(v)]
+    return [node[len(SPLIT_PREFIX):]] if isinstance(node, str) and node.startswith(SPLIT_PREFIX) else []
+
+
+def _check_splits(splits: Any, configs: list[Any]) -> list[str]:
+    """splits: {source, parts: {name: count}}; every "split:NAME" in the configs names a part."""
+    if not isinstance(splits, dict) or not isinstance(splits.get("source"), str) or not isinstance(splits.get("parts"), dict) \
+            or not splits["parts"] or set(splits) - {"source", "parts"}:
+        return [f"splits: a mapping {{source: <data source>, parts: {{name: count, ...}}}}, got {splits!r}"]
+    p = [f"splits.parts.{k}: a count >= 1, got {v!r}" for k, v in splits["parts"].items()
+         if not isinstance(v, int) or isinstance(v, bool) or v < 1]
+    for ref in sorted(set(_split_refs(configs))):
+        if ref not in splits["parts"]:
+            p.append(f"'{SPLIT_PREFIX}{ref}': no such part in splits.parts ({', '.join(splits['parts'])})")
+    return p
+
+
+def _resolve_splits(node: Any, spec: "Spec") -> Any:
+    if isinstance(node, dict):
+        return {k: _resolve_splits(v, spec) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_resolve_splits(v, spec) for v in node]
+    if isinstance(node, str) and node.startswith(SPLIT_PREFIX):
+        if spec.splits is None:
+            raise ConfigError([f"'{node}': the spec has no splits: section"], str(spec.path))
+        return str(spec.split_path(node[len(SPLIT_PREFIX):]))
+    return node
 
 
 def _check_steps(name: str, cfg: dict, steps: int) -> list[str]:
@@ -260,7 +311,7 @@ def build_run_config(spec: Spec, entry: str, point: dict[str, Any], seed: int, r
         steps = [1 if smoke else spec.steps]
     _set(cfg, {**dotted, "trainer.steps": sum(steps)})
     cfg.run_dir = str(run_dir)
-    return _container(cfg), steps
+    return _resolve_splits(_container(cfg), spec), steps
 
 
 def expand(spec: Spec, *, smoke: bool = False, only: Optional[list[str]] = None) -> list[Job]:
