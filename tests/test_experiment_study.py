@@ -128,8 +128,8 @@ def test_table_has_base_row_se_and_comparisons(tmp_path, monkeypatch):
     _generations(base.run_dir, {"u1": [1.0, 0.0, 0.0, 0.0], "u2": [0.0] * 4})
     (base.run_dir / "final_eval" / "results.json").write_text(json.dumps({"results": {"m": {"heldout": {"pass@1": 0.125, "pass@4": 0.5}}}}))
     payload = R.summarize(spec, jobs)
-    rows = {r["variant"]: r for r in payload["rows"]}
-    assert list(rows) == ["base", "grpo"]
+    rows = {r["variant"]: r for r in [payload["base"]] + payload["rows"]}
+    assert [r["variant"] for r in payload["rows"]] == ["grpo"]  # the base is its own entry, first in the table
     assert rows["base"]["final_accuracy"]["mean"] == 0.25  # the runs' step-0 greedy accuracy
     assert rows["grpo"]["pass@1"]["values"] == [0.375, 0.625]
     # grpo pass@1 per problem, seed-averaged: u1 .625, u2 .375 → sd .1768, /√2 = .125; seeds var .03125/2

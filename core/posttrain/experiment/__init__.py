@@ -59,10 +59,9 @@ from typing import Optional
 
 from ..config import ConfigError
 from .results import final_pass_at_k, markdown, mean_std, reduce_metric, run_series, steps_to_target, summarize, write_results
-from .runner import (DONE_FILE, HeldOut, _report, check_finished_configs, prepare_final_eval, read_done, run_job, run_jobs,
-                     write_splits)
+from .runner import DONE_FILE, HeldOut, _report, check_finished_configs, prepare_final_eval, read_done, run_job, run_jobs
 from .spec import (BASE_PLACEHOLDER, FINAL_EVAL_KEYS, FORBIDDEN_BUDGET_KEYS, REDUCERS, SPEC_KEYS, Job, Spec, base_job,
-                   build_run_config, check_algorithms, expand, grid_points, load_spec, validate)
+                   build_run_config, check_algorithms, expand, grid_points, load_spec, validate, write_splits)
 
 __all__ = [
     "BASE_PLACEHOLDER", "FINAL_EVAL_KEYS", "FORBIDDEN_BUDGET_KEYS", "REDUCERS", "SPEC_KEYS", "Job", "Spec", "base_job",
@@ -85,7 +84,6 @@ def run_experiment(spec_path: str | Path, *, workers: int = 1, smoke: bool = Fal
     spec = load_spec(spec_path, out=out, smoke=smoke)
     jobs = check_algorithms(spec, expand(spec, smoke=smoke, only=only), skip_missing=skip_missing)
     base = base_job(spec, smoke=smoke)
-    write_splits(spec)  # before validation: the runs' data paths must exist
     validate(spec, ([base] if base else []) + jobs)
     check_finished_configs(([base] if base else []) + jobs)
     t0 = time.perf_counter()

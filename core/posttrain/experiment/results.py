@@ -126,8 +126,6 @@ def summarize(spec: Spec, jobs: list[Job]) -> dict:
     rows, missing = [], []
     per_problem: dict[str, dict[str, list[dict[str, float]]]] = {}
     base = _base_row(spec, jobs, per_problem)
-    if base is not None:
-        rows.append(base)
     for variant, vjobs in variants.items():
         done = [j for j in vjobs if read_done(j.run_dir) is not None]
         missing += [j.name for j in vjobs if j not in done]
@@ -163,7 +161,7 @@ def summarize(spec: Spec, jobs: list[Job]) -> dict:
         _add_se(row, per_problem[variant])
         rows.append(row)
     comparisons = []
-    by_name = {r["variant"]: r for r in rows}
+    by_name = {r["variant"]: r for r in rows + ([base] if base else [])}
     for a, b in spec.comparisons:
         for key in [k for k in (by_name.get(a) or {}) if k.startswith("pass@")]:
             if a in by_name and b in by_name and key in by_name[b]:
@@ -176,7 +174,7 @@ def summarize(spec: Spec, jobs: list[Job]) -> dict:
             "std": "sample standard deviation over seeds (n - 1)",
             "se": "standard error of the mean over seeds: sqrt(problems' part^2 + seed variance / seeds); pass@k's problems' part is "
                   "the stdev over held-out problems of the seed-averaged per-problem value / sqrt(N), greedy accuracy's is sqrt(p(1-p)/N)",
-            "rows": rows, "comparisons": comparisons, "missing": missing}
+            "base": base, "rows": rows, "comparisons": comparisons, "missing": missing}
 
 
 def _add_se(row: dict, per_problem: dict[str, list[dict[str, float]]]) -> None:
@@ -234,7 +232,7 @@ def _cell(r: dict, key: str) -> str:
 
 
 def markdown(payload: dict) -> str:
-    rows = payload["rows"]
+    rows = ([payload["base"]] if payload.get("base") else []) + payload["rows"]
     percent: list[str] = []
     for r in rows:
         percent += [k for k in r if (k in ("initial_accuracy", "final_accuracy") or "pass@" in k) and not k.startswith("se/")

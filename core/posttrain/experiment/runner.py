@@ -58,37 +58,6 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): d}
 
 
-def write_splits(spec: Spec) -> dict[str, Path]:
-    """Cut ``splits.source`` into its parts, in order (part 1 = the first rows, ...), one JSONL
-    each (prompt, answer, demos) at ``spec.split_path(name)``. The parts share no prompt: a
-    validation split used to choose settings never overlaps the test split they are judged on."""
-    if not spec.splits:
-        return {}
-    from ..data import load_examples
-
-    parts = spec.splits["parts"]
-    rows = load_examples(spec.splits["source"])
-    need = sum(parts.values())
-    if len(rows) < need:
-        raise ConfigError([f"splits: {spec.splits['source']} has {len(rows)} rows, the parts need {need}"], str(spec.path))
-    out, start, seen = {}, 0, {}
-    for name, count in parts.items():
-        part = rows[start:start + count]
-        start += count
-        for ex in part:
-            if ex.prompt in seen:
-                raise ConfigError([f"splits: the prompt {ex.prompt!r} is in both {seen[ex.prompt]} and {name}; "
-                                   "the source repeats problems (ask it for fewer rows)"], str(spec.path))
-            seen[ex.prompt] = name
-        path = spec.split_path(name)
-        text = "".join(json.dumps({"prompt": ex.prompt, "answer": ex.answer, "demos": ex.demonstrations}) + "\n" for ex in part)
-        if not path.exists() or path.read_text() != text:  # same source → same bytes: finished runs stay valid
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
-        out[name] = path
-    return out
-
-
 @dataclass
 class HeldOut:
     """The benchmark YAML of ``posttrain eval`` for one ``data.eval`` source."""
