@@ -106,8 +106,13 @@ def compare(a: dict, b: dict, key: str, per_problem: dict[str, list[dict[str, fl
     error (``standard_error``: problems' and both variants' seed parts) and the verdict of the
     pre-registered rule: ">" if Δ > 2 SE, "<" if Δ < −2 SE, else "≈"."""
     pa, pb = per_problem.get(a["variant"], {}).get(key), per_problem.get(b["variant"], {}).get(key)
-    if not pa or not pb:
-        return None
+    if not pa or not pb:  # no per-problem values: unpaired, from each side's standard error
+        if a.get(key, {}).get("mean") is None or b.get(key, {}).get("mean") is None or f"se/{key}" not in a or f"se/{key}" not in b:
+            return None
+        delta, total = a[key]["mean"] - b[key]["mean"], math.sqrt(a[f"se/{key}"] ** 2 + b[f"se/{key}"] ** 2)
+        verdict = ">" if delta > 2 * total else "<" if delta < -2 * total else "≈"
+        return {"a": a["variant"], "b": b["variant"], "metric": key, "delta": delta, "se": total,
+                "z": delta / total if total else None, "verdict": verdict, "problems": None, "paired": False}
     se = standard_error(pa, [x for x in a[key]["values"] if x is not None], diff_from=pb)
     vb = [x for x in b[key]["values"] if x is not None]
     seed_b = statistics.variance(vb) / len(vb) if len(vb) > 1 else 0.0
@@ -115,7 +120,7 @@ def compare(a: dict, b: dict, key: str, per_problem: dict[str, list[dict[str, fl
     delta = se["mean"]
     verdict = ">" if delta > 2 * total else "<" if delta < -2 * total else "≈"
     return {"a": a["variant"], "b": b["variant"], "metric": key, "delta": delta, "se": total, "z": delta / total if total else None,
-            "verdict": verdict, "problems": se["problems"]}
+            "verdict": verdict, "problems": se["problems"], "paired": True}
 
 
 def summarize(spec: Spec, jobs: list[Job]) -> dict:
@@ -158,12 +163,12 @@ def summarize(spec: Spec, jobs: list[Job]) -> dict:
             hits = [r["steps_to_target"] for r in per_seed]
             row["steps_to_target"] = {**mean_std(hits), "reached": sum(h is not None for h in hits)}
         row["per_seed"] = per_seed
-        _add_se(row, per_problem[variant])
+        _add_se(row, per_problem[variant], _eval_size(vjobs[0]))
         rows.append(row)
     comparisons = []
     by_name = {r["variant"]: r for r in rows + ([base] if base else [])}
     for a, b in spec.comparisons:
-        for key in [k for k in (by_name.get(a) or {}) if k.startswith("pass@")]:
+        for key in [k for k in (by_name.get(a) or {}) if k.startswith(("pass@", "eval/pass@")) or k == "final_accuracy"]:
             if a in by_name and b in by_name and key in by_name[b]:
                 c = compare(by_name[a], by_name[b], key, per_problem)
                 if c is not None:
@@ -177,19 +182,57 @@ def summarize(spec: Spec, jobs: list[Job]) -> dict:
             "base": base, "rows": rows, "comparisons": comparisons, "missing": missing}
 
 
-def _add_se(row: dict, per_problem: dict[str, list[dict[str, float]]]) -> None:
-    """row["se/<key>"] for every pass@k with per-problem values, and for the greedy final accuracy
-    (binomial, on as many problems as the final evaluation had)."""
-    n_problems = None
+def _add_se(row: dict, per_problem: dict[str, list[dict[str, float]]], eval_size: Optional[int] = None) -> None:
+    """row["se/<key>"] for every pass@k with per-problem values; for the final accuracy and the
+    evaluation's eval/pass@k, binomial on as many problems as the final evaluation had (else
+    ``eval_size``, the held-out split's), with the seeds' part. An accuracy averaged over n
+    samples per problem varies less than a Bernoulli, so the binomial part is an upper bound."""
+    n_problems = eval_size
     for key, per_seed in per_problem.items():
         if per_seed:
             se = standard_error(per_seed, [x for x in row[key]["values"] if x is not None])
             row[f"se/{key}"], n_problems = se["se"], se["problems"]
-    acc = row.get("final_accuracy") or {}
-    if n_problems and acc.get("mean") is not None:
-        xs = [x for x in acc["values"] if x is not None]
-        seed_var = statistics.variance(xs) / len(xs) if len(xs) > 1 else 0.0
-        row["se/final_accuracy"] = math.sqrt(binomial_se(acc["mean"], n_problems) ** 2 + seed_var)
+    for key in ["final_accuracy"] + [k for k in row if k.startswith("eval/pass@")]:
+        acc = row.get(key) or {}
+        if n_problems and acc.get("mean") is not None:
+            xs = [x for x in acc["values"] if x is not None]
+            seed_var = statistics.variance(xs) / len(xs) if len(xs) > 1 else 0.0
+            row[f"se/{key}"] = math.sqrt(binomial_se(acc["mean"], n_problems) ** 2 + seed_var)
+
+
+def _eval_size(job: Job) -> Optional[int]:
+    """How many held-out problems the run's evaluation scores: the rows of its data.eval file,
+    capped by eval.max_prompts (None for a named source)."""
+    cfg = (job.config.get("stages") or [job.config])[-1]
+    source = (cfg.get("data") or job.config.get("data") or {}).get("eval")
+    if not source or not Path(source).is_file():
+        return None
+    n = sum(1 for line in Path(source).read_text().splitlines() if line.strip())
+    cap = (cfg.get("eval") or job.config.get("eval") or {}).get("max_prompts")
+    return min(n, cap) if cap else n
+
+
+def _base_row_from_starts(b: Job, jobs: list[Job]) -> Optional[dict]:
+    """Without a final evaluation, the base row is the runs' step-0 evaluation (the base model on
+    the held-out split, sampled with each seed's evaluation RNG): one value per seed."""
+    starts: dict[int, dict[str, float]] = {}
+    for j in jobs:
+        if read_done(j.run_dir) is None or j.seed in starts:
+            continue
+        s = run_series(j)
+        acc = s.get("eval/accuracy", {})
+        if acc:
+            starts[j.seed] = {k: v[min(v)] for k, v in s.items() if k.startswith("eval/") and min(v) == min(acc)}
+    if not starts:
+        return None
+    seeds = sorted(starts)
+    row = {"variant": "base", "entry": "base", "algorithms": b.stage_names, "stage_steps": b.stage_steps, "seeds": seeds,
+           "runs": len(seeds), "of": len(seeds), "per_seed": []}
+    row["initial_accuracy"] = row["final_accuracy"] = mean_std([starts[s]["eval/accuracy"] for s in seeds])
+    for key in sorted({k for v in starts.values() for k in v if k.startswith("eval/pass@") and k != "eval/pass@1"}):
+        row[key] = mean_std([starts[s].get(key) for s in seeds])
+    _add_se(row, {}, _eval_size(next(j for j in jobs if j.seed in starts)))
+    return row
 
 
 def _base_row(spec: Spec, jobs: list[Job], per_problem: dict) -> Optional[dict]:
@@ -198,8 +241,10 @@ def _base_row(spec: Spec, jobs: list[Job], per_problem: dict) -> Optional[dict]:
     from .spec import base_job
 
     b = base_job(spec)
-    if b is None or not (b.run_dir / "final_eval" / "results.json").exists():
+    if b is None:
         return None
+    if not (b.run_dir / "final_eval" / "results.json").exists():
+        return _base_row_from_starts(b, jobs)
     row = {"variant": "base", "entry": "base", "algorithms": b.stage_names, "stage_steps": b.stage_steps, "seeds": [b.seed],
            "runs": 1, "of": 1}
     starts = [run_series(j).get("eval/accuracy", {}) for j in jobs if read_done(j.run_dir) is not None]
