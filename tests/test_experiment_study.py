@@ -152,3 +152,35 @@ def test_study_specs_resolve():
         spec = ex.load_spec(ROOT / "experiments" / name)
         assert spec.splits == {"source": "synthetic:arithmetic?n=600&seed=1&split=eval", "parts": {"validation": 200, "test": 400}}
         assert spec.seeds == ([0, 1, 2] if name == "paper_claims.yaml" else [0])
+
+
+def test_without_final_eval_base_row_is_step0_and_comparisons_unpaired(tmp_path):
+    """No final_eval: the base row is the runs' step-0 evaluation (one value per seed), SEs are
+    binomial on the held-out split's size plus the seeds' part, comparisons unpaired."""
+    spec = ex.load_spec(write_spec(tmp_path, seeds=[0, 1], base_model={**TINY, "algorithm": {"name": "sft"},
+                                   "data": {**TINY["data"], "eval": None}}, comparisons=[["grpo", "base"]]))
+    ex.write_splits(spec)  # test: 20 problems
+    jobs = ex.expand(spec)
+    starts, ends = {0: (0.25, 0.5), 1: (0.35, 0.6)}, {0: (0.9, 0.95), 1: (0.95, 1.0)}  # (avg@4, pass@4)
+    for job in jobs:
+        job.run_dir.mkdir(parents=True)
+        (job.run_dir / "done.json").write_text(json.dumps({"config": job.config, "finals": [], "seconds": 1.0}))
+        rows = [{"step": 0, "eval/accuracy": starts[job.seed][0], "eval/pass@4": starts[job.seed][1]},
+                {"step": 2, "eval/accuracy": ends[job.seed][0], "eval/pass@4": ends[job.seed][1]}]
+        (job.run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    payload = R.summarize(spec, jobs)
+    base, (grpo,) = payload["base"], payload["rows"]
+    assert base["seeds"] == [0, 1] and base["final_accuracy"]["values"] == [0.25, 0.35]
+    assert base["eval/pass@4"]["values"] == [0.5, 0.6]
+    # SE: √(p(1−p)/20 + s²/2): base p = .3, s² = .005; grpo p = .925, s² = .00125
+    assert base["se/final_accuracy"] == pytest.approx(math.sqrt(0.3 * 0.7 / 20 + 0.005 / 2))
+    assert grpo["se/final_accuracy"] == pytest.approx(math.sqrt(0.925 * 0.075 / 20 + 0.00125 / 2))
+    c = {c["metric"]: c for c in payload["comparisons"]}
+    se = math.sqrt(0.3 * 0.7 / 20 + 0.005 / 2 + 0.925 * 0.075 / 20 + 0.00125 / 2)  # 0.1307
+    assert c["final_accuracy"]["delta"] == pytest.approx(0.625) and c["final_accuracy"]["se"] == pytest.approx(se)
+    assert c["final_accuracy"]["paired"] is False and c["final_accuracy"]["verdict"] == ">"  # .625 > 2 × .131
+    # pass@4: base p = .55, grpo p = .975 → SE √(.012375 + .0025 + .00121875 + .000625) = .1293; Δ = .425 > 2 SE
+    assert c["eval/pass@4"]["delta"] == pytest.approx(0.425) and c["eval/pass@4"]["se"] == pytest.approx(math.sqrt(0.0167188), abs=1e-5)
+    assert c["eval/pass@4"]["verdict"] == ">"
+    lose = R.compare({**grpo, "variant": "g"}, {**base, "variant": "b"}, "eval/pass@4", {})
+    assert lose["verdict"] == ">" and R.compare({**base, "variant": "b"}, {**grpo, "variant": "g"}, "eval/pass@4", {})["verdict"] == "<"
