@@ -143,7 +143,7 @@ def test_table_has_base_row_se_and_comparisons(tmp_path, monkeypatch):
     assert "| base | 1/1 | 25.0 ± 0.0 | 25.0 ± 0.0 [30.6] | 12.5 ± 0.0 [12.5] | 50.0 ± 0.0 [50.0] |" in md
     assert "| grpo | 2/2 | 25.0 ± 0.0 | 50.0 ± 0.0 [35.4] | 50.0 ± 17.7 [17.7] | 100.0 ± 0.0 [0.0] |" in md
     # paired: per-problem differences (.625 − .25, .375 − 0) = .375, .375: sd 0, so SE is the seeds' part √(.03125/2)
-    assert "| grpo | base | pass@1 | +37.5 | 12.5 | +3.0 | > |" in md
+    assert "| grpo | base | pass@1 | +37.5 | 12.5 | +3.0 | yes | > |" in md
 
 
 def test_study_specs_resolve():

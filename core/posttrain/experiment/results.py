@@ -300,11 +300,13 @@ def markdown(payload: dict) -> str:
         cells += [_general(r.get(k, {})) for k in summaries]
         lines.append("| " + " | ".join(cells) + " |")
     if payload.get("comparisons"):
-        lines += ["", "Paired comparisons on the same held-out problems (Δ = a − b in points; verdict: > if Δ > 2 SE, < if Δ < −2 SE, else ≈):",
-                  "", "| a | b | metric | Δ | SE | Δ/SE | verdict |", "|---|---|---|---|---|---|---|"]
+        lines += ["", "Comparisons on the same held-out problems (Δ = a − b in points; paired per problem where per-problem values "
+                  "exist, else unpaired from each side's SE; verdict: > if Δ > 2 SE, < if Δ < −2 SE, else ≈):",
+                  "", "| a | b | metric | Δ | SE | Δ/SE | paired | verdict |", "|---|---|---|---|---|---|---|---|"]
         for c in payload["comparisons"]:
             z = "—" if c["z"] is None else f"{c['z']:+.1f}"
-            lines.append(f"| {c['a']} | {c['b']} | {c['metric']} | {c['delta'] * 100:+.1f} | {c['se'] * 100:.1f} | {z} | {c['verdict']} |")
+            lines.append(f"| {c['a']} | {c['b']} | {c['metric']} | {c['delta'] * 100:+.1f} | {c['se'] * 100:.1f} | {z} | "
+                         f"{'yes' if c.get('paired') else 'no'} | {c['verdict']} |")
     if payload["missing"]:
         lines += ["", f"Not finished: {', '.join(payload['missing'])}."]
     return "\n".join(lines) + "\n"
