@@ -148,7 +148,7 @@ def test_table_has_base_row_se_and_comparisons(tmp_path, monkeypatch):
 
 def test_study_specs_resolve():
     """The study's two specs load and validate (model paths aside: the base is built by the study)."""
-    for name in ("paper_claims.yaml", "rl_sweep.yaml"):
+    for name in ("paper_claims.yaml", "rl_sweep.yaml", "rl_sweep_low.yaml", "rl_explore.yaml", "rl_explore_batch.yaml"):
         spec = ex.load_spec(ROOT / "experiments" / name)
         assert spec.splits == {"source": "synthetic:arithmetic?n=600&seed=1&split=eval", "parts": {"validation": 200, "test": 400}}
         assert spec.seeds == ([0, 1, 2] if name == "paper_claims.yaml" else [0])
