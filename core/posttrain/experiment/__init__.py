@@ -24,6 +24,10 @@ summaries:                             # optional extra columns: a metric reduce
   offline_early: {metric: train/offline_data_ratio, reduce: mean, from: 1, to: 10}
 smooth: 5                              # rolling-mean window of the plotted curves
 smoke: {eval.max_prompts: 4, final_eval.n: 2}  # what --smoke also sets (final_eval.* keys: final_eval)
+splits:                                # optional: one source cut into disjoint consecutive parts, each
+  source: "synthetic:arithmetic?n=600&seed=1&split=eval"   # written to OUT/splits/<part>.jsonl; a config
+  parts: {validation: 200, test: 400}  # value "split:<part>" (e.g. data.eval: "split:test") is its path
+comparisons: [[grpo, base], [hpt, grpo]]   # optional: paired Δ of every pass@k, its SE and a verdict
 ```
 
 Layers of a run's config, later wins: ``configs/base.yaml`` ← ``config`` ← the entry ←
@@ -42,7 +46,8 @@ held-out accuracy, pass@k from ``final_eval`` and any ``eval/pass@n`` the eval s
 steps to the target, the summaries), ``plots/*.png`` (one line per variant, mean over seeds,
 steps cumulative over stages). pass@k is the unbiased estimator of ``posttrain eval``
 (``posttrain.eval.pass_at_k``), computed by ``posttrain.eval.run_eval`` on the run's final
-checkpoint in ``run_dir/final_eval``.
+checkpoint in ``run_dir/final_eval`` (and on the base model's, in ``OUT/base/final_eval``: the
+table's ``base`` row). Standard errors and the paired comparisons: ``results.standard_error``.
 """
 
 from __future__ import annotations
@@ -56,12 +61,12 @@ from ..config import ConfigError
 from .results import final_pass_at_k, markdown, mean_std, reduce_metric, run_series, steps_to_target, summarize, write_results
 from .runner import DONE_FILE, HeldOut, _report, check_finished_configs, prepare_final_eval, read_done, run_job, run_jobs
 from .spec import (BASE_PLACEHOLDER, FINAL_EVAL_KEYS, FORBIDDEN_BUDGET_KEYS, REDUCERS, SPEC_KEYS, Job, Spec, base_job,
-                   build_run_config, check_algorithms, expand, grid_points, load_spec, validate)
+                   build_run_config, check_algorithms, expand, grid_points, load_spec, validate, write_splits)
 
 __all__ = [
     "BASE_PLACEHOLDER", "FINAL_EVAL_KEYS", "FORBIDDEN_BUDGET_KEYS", "REDUCERS", "SPEC_KEYS", "Job", "Spec", "base_job",
     "build_run_config", "check_algorithms", "expand", "grid_points", "load_spec", "validate",
-    "DONE_FILE", "HeldOut", "check_finished_configs", "prepare_final_eval", "read_done", "run_job", "run_jobs",
+    "DONE_FILE", "HeldOut", "check_finished_configs", "prepare_final_eval", "read_done", "run_job", "run_jobs", "write_splits",
     "final_pass_at_k", "markdown", "mean_std", "reduce_metric", "run_series", "steps_to_target", "summarize", "write_results",
     "run_experiment",
 ]
@@ -95,7 +100,10 @@ def run_experiment(spec_path: str | Path, *, workers: int = 1, smoke: bool = Fal
                     raise RuntimeError(f"the base model failed ({r['error']}); see {base.run_dir / 'log.txt'}")
                 ran += 1
             base_path = read_done(base.run_dir)["finals"][-1]
-        results = run_jobs(jobs, base_path, prepare_final_eval(spec, jobs), workers=workers)
+        held_out = prepare_final_eval(spec, jobs)
+        if base is not None and held_out and not (base.run_dir / "final_eval" / "results.json").exists():
+            _evaluate_base(base_path, base, next(iter(held_out.values())))
+        results = run_jobs(jobs, base_path, held_out, workers=workers)
         ran += len(results)
         failed = [r["name"] for r in results if not r["ok"]]
     files = write_results(spec, jobs)
@@ -105,3 +113,15 @@ def run_experiment(spec_path: str | Path, *, workers: int = 1, smoke: bool = Fal
     if failed:
         print(f"{len(failed)} run(s) failed: {', '.join(failed)} (their log.txt has the traceback)", file=sys.stderr)
     return {"files": files, "failed": failed, "ran": ran, "seconds": time.perf_counter() - t0}
+
+
+def _evaluate_base(base_path: str, base, held_out: HeldOut) -> None:
+    """The base model's final evaluation, on the runs' held-out split with their sampling (the
+    first run's seed): the ``base`` row every run is compared with."""
+    import contextlib
+
+    from ..eval import run_eval
+
+    print(f"[base] final evaluation → {base.run_dir / 'final_eval'}", flush=True)
+    with open(base.run_dir / "log.txt", "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        run_eval([base_path], [str(held_out.yaml)], base.run_dir / "final_eval", held_out.overrides)

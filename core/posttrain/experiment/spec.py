@@ -20,7 +20,8 @@ from ..plugins import installed_algorithms
 
 BASE_PLACEHOLDER = "<base model>"  # model.path until the base model's final checkpoint exists
 SPEC_KEYS = {"name", "out", "base_model", "config", "algorithms", "steps", "budget", "seeds", "grid",
-             "target_accuracy", "final_eval", "summaries", "smooth", "smoke"}
+             "target_accuracy", "final_eval", "summaries", "smooth", "smoke", "splits", "comparisons"}
+SPLIT_PREFIX = "split:"  # a config value "split:NAME" is the path of the spec's split NAME (OUT/splits/NAME.jsonl)
 FINAL_EVAL_KEYS = {"n", "k", "temperature", "top_p", "max_new_tokens", "max_problems"}
 REDUCERS = ("last", "first", "mean", "std", "var", "min", "max")
 FORBIDDEN_BUDGET_KEYS = ("trainer.steps", "trainer.seed", "run_dir")  # the spec's steps / seeds / OUT set these
@@ -46,6 +47,11 @@ class Spec:
     summaries: dict[str, dict] = field(default_factory=dict)
     smooth: int = 1
     smoke: dict[str, Any] = field(default_factory=dict)
+    comparisons: list[tuple[str, str]] = field(default_factory=list)  # (variant, variant or "base") pairs tested on pass@k
+    splits: Optional[dict] = None  # {"source": data source, "parts": {name: count}}: disjoint consecutive slices
+
+    def split_path(self, name: str) -> Path:
+        return (self.out / "splits" / f"{name}.jsonl").resolve()
 
 
 def _container(node: Any) -> Any:
@@ -137,6 +143,16 @@ def load_spec(path: str | Path, *, out: str | Path | None = None, smoke: bool = 
                 shrink["k"] = [k for k in final_eval.get("k", [1]) if isinstance(k, int) and k <= shrink["n"]] or [shrink["n"]]
             final_eval = {**final_eval, **shrink}
         problems += _check_final_eval(final_eval)
+    comparisons = raw.get("comparisons") or []
+    if not isinstance(comparisons, list) or not all(isinstance(c, list) and len(c) == 2 and all(isinstance(x, str) for x in c)
+                                                      for c in comparisons):
+        problems.append(f"comparisons: a list of [variant, variant] pairs (\"base\" is the base model), got {comparisons!r}")
+        comparisons = []
+    splits = raw.get("splits")
+    if splits is not None:
+        problems += _check_splits(splits, [algos, raw.get("config") or {}])
+    elif _split_refs([algos, raw.get("config") or {}]):
+        problems.append(f"'{SPLIT_PREFIX}{_split_refs([algos, raw.get('config') or {}])[0]}': the spec has no splits: section")
     base = None
     if raw.get("base_model") is not None:
         base = _load_partial(raw["base_model"], "base_model", spec_dir, problems)
@@ -151,7 +167,42 @@ def load_spec(path: str | Path, *, out: str | Path | None = None, smoke: bool = 
     return Spec(path=path, name=name, out=out_dir, algorithms=algos, steps=steps, seeds=list(seeds),
                 config=raw.get("config") or {}, base_model=base, budget=budget, grid=grid, target_accuracy=target,
                 final_eval=final_eval, summaries=summaries, smooth=smooth,
-                smoke={k: v for k, v in smoke_cfg.items() if not k.startswith("final_eval.")})
+                smoke={k: v for k, v in smoke_cfg.items() if not k.startswith("final_eval.")}, splits=splits,
+                comparisons=[tuple(c) for c in comparisons])
+
+
+def _split_refs(node: Any) -> list[str]:
+    """Every "split:NAME" string in a (nested) config."""
+    if isinstance(node, dict):
+        return [r for v in node.values() for r in _split_refs(v)]
+    if isinstance(node, list):
+        return [r for v in node for r in _split_refs(v)]
+    return [node[len(SPLIT_PREFIX):]] if isinstance(node, str) and node.startswith(SPLIT_PREFIX) else []
+
+
+def _check_splits(splits: Any, configs: list[Any]) -> list[str]:
+    """splits: {source, parts: {name: count}}; every "split:NAME" in the configs names a part."""
+    if not isinstance(splits, dict) or not isinstance(splits.get("source"), str) or not isinstance(splits.get("parts"), dict) \
+            or not splits["parts"] or set(splits) - {"source", "parts"}:
+        return [f"splits: a mapping {{source: <data source>, parts: {{name: count, ...}}}}, got {splits!r}"]
+    p = [f"splits.parts.{k}: a count >= 1, got {v!r}" for k, v in splits["parts"].items()
+         if not isinstance(v, int) or isinstance(v, bool) or v < 1]
+    for ref in sorted(set(_split_refs(configs))):
+        if ref not in splits["parts"]:
+            p.append(f"'{SPLIT_PREFIX}{ref}': no such part in splits.parts ({', '.join(splits['parts'])})")
+    return p
+
+
+def _resolve_splits(node: Any, spec: "Spec") -> Any:
+    if isinstance(node, dict):
+        return {k: _resolve_splits(v, spec) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_resolve_splits(v, spec) for v in node]
+    if isinstance(node, str) and node.startswith(SPLIT_PREFIX):
+        if spec.splits is None:
+            raise ConfigError([f"'{node}': the spec has no splits: section"], str(spec.path))
+        return str(spec.split_path(node[len(SPLIT_PREFIX):]))
+    return node
 
 
 def _check_steps(name: str, cfg: dict, steps: int) -> list[str]:
@@ -181,6 +232,37 @@ def _check_final_eval(fe: Any) -> list[str]:
     elif not all(isinstance(k, int) and 1 <= k <= n for k in fe.get("k", [1])):
         p.append(f"final_eval.k: every k must be an integer in [1, n={n}], got {fe.get('k')!r}")
     return p
+
+
+def write_splits(spec: Spec) -> dict[str, Path]:
+    """Cut ``splits.source`` into its parts, in order (part 1 = the first rows, ...), one JSONL
+    each (prompt, answer, demos) at ``spec.split_path(name)``. The parts share no prompt: a
+    validation split used to choose settings never overlaps the test split they are judged on."""
+    if not spec.splits:
+        return {}
+    from ..data import load_examples
+
+    parts = spec.splits["parts"]
+    rows = load_examples(spec.splits["source"])
+    need = sum(parts.values())
+    if len(rows) < need:
+        raise ConfigError([f"splits: {spec.splits['source']} has {len(rows)} rows, the parts need {need}"], str(spec.path))
+    out, start, seen = {}, 0, {}
+    for name, count in parts.items():
+        part = rows[start:start + count]
+        start += count
+        for ex in part:
+            if ex.prompt in seen:
+                raise ConfigError([f"splits: the prompt {ex.prompt!r} is in both {seen[ex.prompt]} and {name}; "
+                                   "the source repeats problems (ask it for fewer rows)"], str(spec.path))
+            seen[ex.prompt] = name
+        path = spec.split_path(name)
+        text = "".join(json.dumps({"prompt": ex.prompt, "answer": ex.answer, "demos": ex.demonstrations}) + "\n" for ex in part)
+        if not path.exists() or path.read_text() != text:  # same source → same bytes: finished runs stay valid
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        out[name] = path
+    return out
 
 
 # --- grid expansion ----------------------------------------------------------------------------
@@ -260,7 +342,7 @@ def build_run_config(spec: Spec, entry: str, point: dict[str, Any], seed: int, r
         steps = [1 if smoke else spec.steps]
     _set(cfg, {**dotted, "trainer.steps": sum(steps)})
     cfg.run_dir = str(run_dir)
-    return _container(cfg), steps
+    return _resolve_splits(_container(cfg), spec), steps
 
 
 def expand(spec: Spec, *, smoke: bool = False, only: Optional[list[str]] = None) -> list[Job]:
@@ -329,6 +411,7 @@ def check_algorithms(spec: Spec, jobs: list[Job], *, skip_missing: bool = False)
 def validate(spec: Spec, jobs: list[Job]) -> None:
     """Resolve each variant's run config (both validation phases of ``posttrain train``) before
     anything trains; every problem at once, prefixed with the spec field it came from."""
+    write_splits(spec)  # the runs' data paths must exist to be checked
     problems: list[str] = []
     seen: set[str] = set()
     for job in jobs:
