@@ -270,3 +270,36 @@ def test_the_worker_does_not_outlive_a_killed_trainer(model_dir, tmp_path):
     finally:
         if trainer.poll() is None:
             trainer.kill()
+
+
+def test_a_killed_async_run_loses_only_the_steps_since_its_last_checkpoint(model_dir, tmp_path):
+    # SIGKILL after step 4 was logged, before its checkpoint: no finally, no signal handler runs.
+    # resume: auto continues from step 3's checkpoint (with the rollouts it had sampled ahead),
+    # and the run equals the uninterrupted one bit for bit.
+    import json
+    import subprocess
+    import sys
+
+    over = {**ASYNC, "save_every": 1}
+    train(tiny_config(model_dir, tmp_path / "full", steps=6, overrides=over), base=None)
+    killed = tmp_path / "killed"
+    (tmp_path / "cfg.json").write_text(json.dumps(tiny_config(model_dir, killed, steps=6, overrides=over)))
+    script = tmp_path / "trainer.py"
+    script.write_text(
+        "import json, os, signal, sys\n"
+        "from posttrain import hookimpl\n"
+        "from posttrain.run import train\n"
+        "class Kill:\n"
+        "    @hookimpl\n"
+        "    def on_step_end(self, step):\n"
+        "        if step == 4:\n"
+        "            os.kill(os.getpid(), signal.SIGKILL)\n"
+        "if __name__ == '__main__':\n"
+        "    train(json.load(open(sys.argv[1])), base=None, plugins=[Kill()])\n")
+    r = subprocess.run([sys.executable, str(script), str(tmp_path / "cfg.json")], capture_output=True, text=True, timeout=900)
+    assert r.returncode == -9, r.stderr[-2000:]
+    assert max(p.name for p in (killed / "checkpoints").iterdir()) == "step-000003"  # the newest one
+    assert [row["step"] for row in read_metrics(killed / "metrics.jsonl")] == [1, 2, 3, 4]  # step 4: lost work
+    train(tiny_config(model_dir, killed, steps=6, overrides=over), base=None)
+    rows = _same_run(tmp_path / "full", killed, 6)
+    assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6]
