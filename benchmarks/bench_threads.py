@@ -15,16 +15,22 @@ Variants:
 * ``threads=1`` — ``posttrain train ... trainer.threads=1``;
 * ``torch`` — the same run through the Python API (``posttrain.run.train``), which leaves
   torch's defaults alone: one intra-op thread per CPU, spinning OpenMP waits.
+* ``trl`` — TRL 1.16 on the same workload (needs ``pip install -e ".[bench]"``; skipped without
+  it), with torch's thread defaults as a TRL user gets them: ``SFTTrainer`` on the stage's
+  prompts and first demonstrations (prompt-completion data, loss on the completion), batch
+  ``prompts_per_step``, the stage's lr; ``GRPOTrainer`` with the stage's n, max new tokens,
+  temperature 1, no top-k, no KL, batch prompts × n, and a boxed-answer exact-match reward.
+  Its step times come from a ``TrainerCallback``.
 
 Every child starts without OMP_* / MKL_* variables, so the variants differ only as described.
 The step time is the median ``time/step_s`` of a run's steps after the first (warm-up). A run
-past ``--timeout`` is stopped and its finished steps are used ('>' marks it). TRL is not run:
-``trl`` installs next to this torch, but no TRL port of the demo workload exists yet.
+past ``--timeout`` is stopped and its finished steps are used ('>' marks it).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -39,7 +45,7 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo" / "demo.yaml"
 SCENARIOS = ("idle", "busy", "busy-nice")
-VARIANTS = ("posttrain", "threads=1", "torch")
+VARIANTS = ("posttrain", "threads=1", "torch", "trl")
 WORKLOADS = ("sft", "grpo")
 NEIGHBOUR = "while True: pass"
 TORCH_DEFAULT = "import sys; from posttrain.run import train; train(sys.argv[1])"
@@ -62,6 +68,8 @@ def stage_yaml(workload: str, steps: int, run_dir: Path, out: Path) -> Path:
 def command(variant: str, config: Path) -> list[str]:
     if variant == "torch":
         return [sys.executable, "-c", TORCH_DEFAULT, str(config)]
+    if variant == "trl":
+        return [sys.executable, __file__, "--trl-run", str(config)]
     extra = ["trainer.threads=1"] if variant == "threads=1" else []
     return [sys.executable, "-m", "posttrain.cli", "train", str(config), *extra]
 
@@ -137,7 +145,62 @@ def report(results: list[dict]) -> None:
         for s in SCENARIOS:
             get = lambda v: (by.get((workload, v, s)) or {}).get("step_s")
             print(f"  {s:<10} posttrain / torch {ratio(get('posttrain'), get('torch'))}   "
+                  f"posttrain / TRL {ratio(get('posttrain'), get('trl'))}   "
                   f"threads=1 / posttrain {ratio(get('threads=1'), get('posttrain'))}")
+
+
+def trl_run(config_path: str) -> None:
+    """The stage of ``config_path`` with TRL; writes ``run_dir/metrics.jsonl`` rows with
+    ``time/step_s`` as posttrain does, so the same code reads both."""
+    import re
+
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    from posttrain.data import load_examples, render_prompt
+    from posttrain.run import materialize_model
+
+    cfg = OmegaConf.load(config_path)
+    run_dir = Path(cfg.run_dir)
+    model_dir = materialize_model(cfg.model.path, run_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    t = cfg.trainer
+    per_step = t.prompts_per_step
+    examples = load_examples(cfg.data.train, demo_keys=list(cfg.data.demo_keys))[: per_step * (t.steps + 1)]
+    prompts = [render_prompt(tok, ex.prompt) for ex in examples]
+    metrics = run_dir / "metrics.jsonl"
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            with metrics.open("a") as f:
+                f.write(json.dumps({"step": state.global_step, "time/step_s": time.perf_counter() - self.t0}) + "\n")
+
+    common = dict(output_dir=str(run_dir / "trl"), learning_rate=t.lr, max_steps=t.steps, use_cpu=True, bf16=False,
+                  report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, max_grad_norm=t.grad_clip or 1e9)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    if cfg.algorithm.name == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        ds = Dataset.from_dict({"prompt": prompts, "completion": [ex.demonstrations[0] for ex in examples]})
+        args = SFTConfig(per_device_train_batch_size=per_step, shuffle_dataset=False, **common)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[Timer()])
+    else:
+        from trl import GRPOConfig, GRPOTrainer
+
+        def reward(completions, answer, **kw):
+            found = [re.findall(r"\\boxed\{([^}]*)\}", c) for c in completions]
+            return [float(bool(f) and f[-1].strip() == a.strip()) for f, a in zip(found, answer)]
+
+        r = cfg.rollout
+        ds = Dataset.from_dict({"prompt": prompts, "answer": [ex.answer for ex in examples]})
+        args = GRPOConfig(per_device_train_batch_size=per_step * r.n, num_generations=r.n, max_completion_length=r.max_new_tokens,
+                          temperature=r.temperature, top_k=0, top_p=1.0, beta=0.0, shuffle_dataset=False, **common)
+        trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=ds, processing_class=tok,
+                              callbacks=[Timer()])
+    trainer.train()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,14 +212,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--trl-run", help=argparse.SUPPRESS)  # internal: one TRL run (a child of this script)
     args = ap.parse_args(argv)
+    if args.trl_run:
+        trl_run(args.trl_run)
+        return 0
+    variants = args.variants.split(",")
+    if "trl" in variants and importlib.util.find_spec("trl") is None:
+        print("trl is not installed (pip install -e \".[bench]\"): its column is skipped", flush=True)
+        variants.remove("trl")
     print(f"CPUs in affinity: {len(os.sched_getaffinity(0))}; load average at start: {os.getloadavg()[0]:.2f}", flush=True)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for workload in args.workloads.split(","):
             steps = args.sft_steps if workload == "sft" else args.grpo_steps
             for scenario in args.scenarios.split(","):
-                for variant in args.variants.split(","):
+                for variant in variants:
                     load = os.getloadavg()[0]
                     r = run_one(workload, variant, scenario, steps, args.timeout, Path(tmp))
                     results.append({**r, "load_before": load})
