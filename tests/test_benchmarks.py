@@ -1,5 +1,5 @@
-"""benchmarks/bench_gpu.py: its arithmetic, and one real run of it on the CPU (a GPU user runs
-the same script; only the numbers change)."""
+"""benchmarks/: bench_gpu.py's arithmetic and one real run of it on the CPU (a GPU user runs the
+same script; only the numbers change); bench_vs_trl.py and bench_async.py."""
 
 import importlib.util
 import json
@@ -13,19 +13,12 @@ from posttrain.testing import make_tiny_model
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _bench_gpu():
-    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "benchmarks" / "bench_gpu.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_summary_by_hand():
     rows = [{"time/step_s": 2.0, "train/tokens": 8000, "mem/peak_gib": 30.0, "time/rollout_s": 1.0,
              "time/verify_s": 0.2, "time/train_s": 0.6, "time/sync_s": 0.2},
             {"time/step_s": 4.0, "train/tokens": 16000, "mem/peak_gib": 31.5, "time/rollout_s": 3.0,
              "time/verify_s": 0.2, "time/train_s": 0.6, "time/sync_s": 0.2}]
-    s = _bench_gpu().summarize(rows, gpus=4)
+    s = _load("bench_gpu").summarize(rows, gpus=4)
     assert s["step_s"] == 3.0 and s["tokens_per_step"] == 12000
     assert s["tokens_per_s_per_gpu"] == pytest.approx(12000 / (3.0 * 4))  # 1000
     assert s["peak_mem_gib"] == 31.5  # the worst step, not the mean
@@ -36,7 +29,7 @@ def test_summary_by_hand():
 def test_a_cpu_run_prints_the_summary_of_its_metrics(tmp_path, capsys):
     model = make_tiny_model(tmp_path / "m")
     run = tmp_path / "run"
-    code = _bench_gpu().main(["--model", str(model), "--steps", "3", "--run-dir", str(run), "--json",
+    code = _load("bench_gpu").main(["--model", str(model), "--steps", "3", "--run-dir", str(run), "--json",
                               "trainer.device=cpu", "rollout.n=4", "rollout.max_new_tokens=8",
                               "trainer.prompts_per_step=4"])
     assert code == 0
@@ -78,3 +71,32 @@ def test_bench_vs_trl_smoke_without_trl(capsys):
     assert 1 <= row["posttrain_len"] <= 32
     assert row["posttrain_cpu"] > 0 and row["raw_cpu"] > 0  # CPU seconds per step, beside the wall clock
     assert "posttrain/raw" in capsys.readouterr().out
+
+
+# --- benchmarks/bench_async.py: its arithmetic by hand (the runs themselves are the benchmark) ---
+
+
+def test_summary_of_a_sync_run_by_hand():
+    warm = {"time/step_s": 99.0, "train/tokens": 1, "time/rollout_s": 99.0}  # left out
+    rows = [warm] + [{"time/step_s": 2.0, "train/tokens": 400, "time/rollout_s": 1.5, "rollout/response_length": 10.0,
+                      "train/rows": 16}] * 2
+    s = _load("bench_async").summarize(rows)
+    assert s["steps_per_s"] == 0.5 and s["train_tokens_per_s"] == 200
+    assert s["generated_tokens_per_s"] == 80  # 2 × 160 tokens in 4 s
+    assert s["trainer_waited"] == pytest.approx(0.75)  # the trainer idles while it samples
+    assert s["rollout_side_waited"] == pytest.approx(0.25)
+
+
+def test_summary_of_an_async_run_by_hand():
+    rows = [{"time/step_s": 5.0, "train/tokens": 1}] + [
+        {"time/step_s": 1.0, "train/tokens": 300, "time/rollout_s": 0.8, "async/wait_s": 0.1,
+         "rollout/response_length": 8.0, "train/rows": 16}] * 4
+    s = _load("bench_async").summarize(rows)
+    assert s["steps_per_s"] == 1.0 and s["train_tokens_per_s"] == 300
+    assert s["trainer_waited"] == pytest.approx(0.1)  # async/wait_s, not the worker's rollout time
+    assert s["rollout_side_waited"] == pytest.approx(0.2)
+
+
+def test_the_queued_start_up_steps_are_left_out():
+    rows = [{"time/step_s": 9.0, "train/tokens": 1}] * 3 + [{"time/step_s": 1.0, "train/tokens": 10}]
+    assert _load("bench_async").summarize(rows, skip=3)["steps_per_s"] == 1.0
