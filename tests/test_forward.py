@@ -7,25 +7,16 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from posttrain import functional as F
-from posttrain.batching import build_train_batch, totals_of
 from posttrain.loss import micro_batch_loss
 from posttrain.metrics import Metrics
 from posttrain.plugins import make_plugin_manager
-from posttrain.testing import make_tiny_model, tiny_group, tiny_tokenizer
+from posttrain.testing import make_tiny_model, tiny_rl_sft_batch
 from posttrain.train.forward import policy_outputs
-from posttrain.types import Route
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("fwd") / "m")
-
-
-def _batch():
-    g = tiny_group([1, 0, 0, 1], seed=2)
-    batch = build_train_batch([g], [Route(rl=1.0, sft=1.0)], tiny_tokenizer().pad_token_id)
-    batch.advantages = F.group_advantages(batch.rewards, batch.group_index, rows=batch.rl_weight > 0)
-    return batch.with_(totals=totals_of(batch, max_len=16))
 
 
 @pytest.fixture()
@@ -53,7 +44,7 @@ def test_entropy_metric_without_entropy_term_is_computed_once_without_gradient(m
     old path computed it with gradient and recomputed every chunk in backward: 2 chunks → 4
     calls, all with grad. The loss and its gradient are those of the entropy-with-gradient path."""
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    batch = _batch()
+    batch = tiny_rl_sft_batch()
     chunks = -(-batch.response_ids.shape[1] // 4)
     assert chunks >= 2
     hook, algo, needs = _grpo(0.0)
@@ -79,7 +70,7 @@ def test_entropy_metric_without_entropy_term_is_computed_once_without_gradient(m
 def test_entropy_term_keeps_its_gradient(model_dir, entropy_calls):
     """With entropy_coef > 0 the entropy comes with gradient (forward + checkpoint recompute)."""
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    batch = _batch()
+    batch = tiny_rl_sft_batch()
     hook, algo, needs = _grpo(0.01)
     assert needs.entropy
     terms, _ = micro_batch_loss(hook, algo, 0, model, batch, Metrics(), needs=needs, chunk=4)
@@ -98,7 +89,7 @@ def test_entropy_stat_beside_a_distribution_loss(model_dir):
         torch.manual_seed(0)
         for p in ref_model.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    batch = _batch()
+    batch = tiny_rl_sft_batch()
 
     def kl(logits, ref_logp, labels):  # a full-vocabulary loss: KL(ref ‖ π)
         return (ref_logp.exp() * (ref_logp - torch.log_softmax(logits, -1))).sum(-1)

@@ -5,25 +5,16 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from posttrain import functional as F
-from posttrain.batching import build_train_batch, totals_of
 from posttrain.logging import read_metrics
 from posttrain.loss import micro_batch_loss
 from posttrain.metrics import Metrics
 from posttrain.plugins import make_plugin_manager
 from posttrain.run import train
-from posttrain.testing import make_tiny_model, tiny_config, tiny_group, tiny_tokenizer
-from posttrain.types import Route
+from posttrain.testing import make_tiny_model, tiny_config, tiny_rl_sft_batch
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "m")
-
-def _batch():
-    # Rewards 1, 0, 0, 1 → GRPO advantages ±0.866; plus the demonstration, routed to SFT.
-    g = tiny_group([1, 0, 0, 1], seed=2)
-    batch = build_train_batch([g], [Route(rl=1.0, sft=1.0)], tiny_tokenizer().pad_token_id)
-    batch.advantages = F.group_advantages(batch.rewards, batch.group_index, rows=batch.rl_weight > 0)
-    return batch.with_(totals=totals_of(batch, max_len=16))
 
 def _loss(model, batch, algo, hook, is_cap):
     terms, stats = micro_batch_loss(hook, algo, 0, model, batch, Metrics(), needs=hook.requirements(config=algo),
@@ -34,7 +25,7 @@ def test_is_weight_scales_the_pg_term_of_sampled_tokens_only(model_dir):
     pm = make_plugin_manager("grpo")
     algo = pm.hook.algorithm_config()(clip_low=None, entropy_coef=0.0)  # no clip: pg = −A·ρ, ρ = 1
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    batch = _batch()
+    batch = tiny_rl_sft_batch()
     plain, _ = _loss(model, batch, algo, pm.hook, None)
     corrected, stats = _loss(model, batch, algo, pm.hook, 2.0)
 

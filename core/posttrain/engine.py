@@ -239,7 +239,6 @@ class Engine:
             requests = self.requests(groups, sampling, params, self.step, m)
             todo = [i for i, q in enumerate(requests) if q.n > 0]
             if dist_utils.max_int(len(todo)) > 0:  # HF generate under ZeRO-3 is collective: all ranks or none
-                threads.adapt()
                 t_roll = time.perf_counter()
                 out = generate_requests(self.rollout, [groups[i].prompt_ids for i in todo], [requests[i] for i in todo],
                                         params, eos_id=self.tokenizer.eos_token_id, progress=self._bars,

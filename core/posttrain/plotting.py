@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 
 @dataclass(frozen=True)
@@ -169,10 +170,31 @@ def plot_curves(curves: dict[str, list[dict[str, dict[int, float]]]], out_dir: s
                 smooth: int = 1, panels: tuple[Panel, ...] = PANELS) -> list[Path]:
     """``curves``: variant → one {metric: {step: value}} per seed. Writes the panels that have
     data (evaluations are sparse, so eval/* keys are not smoothed) and returns their paths."""
+    present_keys = {k for runs in curves.values() for run in runs for k in run}
+
+    def draw(ax, metric: str) -> None:
+        window = 1 if metric.startswith("eval/") else smooth
+        for i, (variant, runs) in enumerate(curves.items()):
+            series = [run[metric] for run in runs if metric in run and run[metric]]
+            if not series:
+                continue
+            steps, mean, lo, hi = mean_curve(series)
+            colour = colour_for(variant)
+            ax.plot(steps, rolling_mean(mean, window), label=f"{variant} (n={len(series)})", color=colour,
+                    linestyle=_LINESTYLES[i % len(_LINESTYLES)], marker=_MARKERS[i % len(_MARKERS)],
+                    markevery=max(1, len(steps) // 12), ms=4, alpha=0.85)
+            if len(series) > 1:
+                ax.fill_between(steps, rolling_mean(lo, window), rolling_mean(hi, window), color=colour, alpha=0.15)
+
+    return _write_panels(panels, present_keys, out_dir, "optimizer step", draw)
+
+
+def _write_panels(panels: tuple[Panel, ...], present_keys: set[str], out_dir: str | Path, xlabel: str,
+                  draw: Callable[[Any, str], None]) -> list[Path]:
+    """One PNG per panel with data in ``present_keys``; ``draw(ax, metric)`` puts each axis's lines."""
     plt = _pyplot()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    present_keys = {k for runs in curves.values() for run in runs for k in run}
     written = []
     for panel in panels:
         present = _expand(panel.metrics, present_keys)
@@ -180,19 +202,8 @@ def plot_curves(curves: dict[str, list[dict[str, dict[int, float]]]], out_dir: s
             continue
         fig, axes = _axes(plt, len(present))
         for ax, metric in zip(axes, present):
-            window = 1 if metric.startswith("eval/") else smooth
-            for i, (variant, runs) in enumerate(curves.items()):
-                series = [run[metric] for run in runs if metric in run and run[metric]]
-                if not series:
-                    continue
-                steps, mean, lo, hi = mean_curve(series)
-                colour = colour_for(variant)
-                ax.plot(steps, rolling_mean(mean, window), label=f"{variant} (n={len(series)})", color=colour,
-                        linestyle=_LINESTYLES[i % len(_LINESTYLES)], marker=_MARKERS[i % len(_MARKERS)],
-                        markevery=max(1, len(steps) // 12), ms=4, alpha=0.85)
-                if len(series) > 1:
-                    ax.fill_between(steps, rolling_mean(lo, window), rolling_mean(hi, window), color=colour, alpha=0.15)
-            _style(ax, metric, metric if len(present) > 1 else panel.title, "optimizer step")
+            draw(ax, metric)
+            _style(ax, metric, metric if len(present) > 1 else panel.title, xlabel)
         written.append(_save(fig, plt, out / panel.file, panel.title, len(present)))
     return written
 
@@ -247,33 +258,24 @@ def _stage_index(d: Path) -> int | None:
 
 def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, *, panels: tuple[Panel, ...] = RUN_PANELS) -> list[Path]:
     """One PNG per panel with data, every run (and every stage of it) a line; returns the paths."""
-    plt = _pyplot()
     dirs = [Path(d) for d in run_dirs]
     names = [d.name for d in dirs]
     labels = [str(d) if names.count(d.name) > 1 else d.name for d in dirs]  # runs named alike: their full path
     per_run = [read_run(d, style=i, label=labels[i]) for i, d in enumerate(dirs)]
     segments = [s for segs in per_run for s in segs]
     several_runs, staged = len(dirs) > 1, any(len(segs) > 1 for segs in per_run)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     # Route fractions that are 0 throughout (most algorithms never mix or drop) are left out.
     present_keys = {k for s in segments for k, v in s.series.items() if not k.startswith("route/") or any(v.values())}
     xlabel = "optimizer step (stages back to back)" if staged else "optimizer step"
-    written = []
-    for panel in panels:
-        present = _expand(panel.metrics, present_keys)
-        if not present:
-            continue
-        fig, axes = _axes(plt, len(present))
-        for ax, metric in zip(axes, present):
-            for s in segments:
-                if s.series.get(metric):
-                    _draw(ax, s, metric, label=f"{s.run}: {s.algorithm}" if several_runs else s.algorithm)
-            for start in sorted({s.start for s in segments if s.start > 0}):
-                ax.axvline(start, color="grey", linestyle=":", linewidth=1)  # where a stage begins
-            _style(ax, metric, metric if len(present) > 1 else panel.title, xlabel)
-        written.append(_save(fig, plt, out / panel.file, panel.title, len(present)))
-    return written
+
+    def draw(ax, metric: str) -> None:
+        for s in segments:
+            if s.series.get(metric):
+                _draw(ax, s, metric, label=f"{s.run}: {s.algorithm}" if several_runs else s.algorithm)
+        for start in sorted({s.start for s in segments if s.start > 0}):
+            ax.axvline(start, color="grey", linestyle=":", linewidth=1)  # where a stage begins
+
+    return _write_panels(panels, present_keys, out_dir, xlabel, draw)
 
 
 def _draw(ax, s: Segment, metric: str, label: str) -> None:

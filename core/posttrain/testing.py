@@ -45,6 +45,18 @@ def tiny_group(rewards: Sequence[float], *, demos: Sequence[str] = ("1+1=2 \\box
                        demonstrations=demo_trajs)
 
 
+def tiny_rl_sft_batch() -> Any:
+    """``tiny_group([1, 0, 0, 1], seed=2)`` routed to RL and SFT as one TrainBatch: GRPO advantages
+    ±0.866 on the rollouts, the demonstration routed to SFT, totals with L_max = 16."""
+    from . import functional as F
+    from .batching import build_train_batch, totals_of
+    from .types import Route
+
+    batch = build_train_batch([tiny_group([1, 0, 0, 1], seed=2)], [Route(rl=1.0, sft=1.0)], tiny_tokenizer().pad_token_id)
+    batch.advantages = F.group_advantages(batch.rewards, batch.group_index, rows=batch.rl_weight > 0)
+    return batch.with_(totals=totals_of(batch, max_len=16))
+
+
 def sized_group(rewards: Sequence[float], lens: Sequence[int], *, demo_lens: Sequence[int] = (3,), uid: str = "tiny:1",
                 demo_reward: float | None = 1.0) -> PromptGroup:
     """A verified group with chosen token counts (EOS included), for losses computed by hand.
