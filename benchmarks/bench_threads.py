@@ -1,6 +1,6 @@
 """Step time of the demo's SFT and GRPO stages under CPU contention, for several thread settings.
 
-    python benchmarks/bench_threads.py [--sft-steps 40 --grpo-steps 3 --timeout 300]
+    python benchmarks/bench_threads.py [--sft-steps 40 --grpo-steps 3 --timeout 300 --rounds 1]
 
 Workloads: stage 0 (SFT) and stage 1 (GRPO) of configs/demo/demo.yaml, each run alone for a few
 steps with evaluation off (the GRPO stage starts from the random-weight model, so every response
@@ -33,6 +33,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -95,6 +96,7 @@ def summarize(times: list[float]) -> float | None:
 
 def run_one(workload: str, variant: str, scenario: str, steps: int, timeout: float, tmp: Path) -> dict:
     run_dir = tmp / f"{workload}-{variant}-{scenario}".replace("=", "")
+    shutil.rmtree(run_dir, ignore_errors=True)  # a round's times only (TRL's timer appends)
     config = stage_yaml(workload, steps, run_dir, tmp / f"{run_dir.name}.yaml")
     neighbour = None
     if scenario != "idle":
@@ -126,8 +128,20 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:6.2f}x" if a and b else "     -"
 
 
+def combine(results: list[dict]) -> dict[tuple, dict]:
+    """One cell per (workload, variant, scenario): the median over rounds of the runs' step times."""
+    runs: dict[tuple, list[dict]] = {}
+    for r in results:
+        runs.setdefault((r["workload"], r["variant"], r["scenario"]), []).append(r)
+    def median(xs: list[float]) -> float | None:
+        return statistics.median(xs) if xs else None
+
+    return {key: {"step_s": median([r["step_s"] for r in rs if r["step_s"] is not None]),
+                  "timed_out": any(r["timed_out"] for r in rs)} for key, rs in runs.items()}
+
+
 def report(results: list[dict]) -> None:
-    by = {(r["workload"], r["variant"], r["scenario"]): r for r in results}
+    by = combine(results)
     for workload in dict.fromkeys(r["workload"] for r in results):
         print(f"\n{workload}: median step time in s (ratio to the same variant idle)")
         print(f"  {'variant':<11}" + "".join(f"{s:>22}" for s in SCENARIOS))
@@ -211,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat every run this often, interleaved; a cell is the median over rounds")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--trl-run", help=argparse.SUPPRESS)  # internal: one TRL run (a child of this script)
     args = ap.parse_args(argv)
@@ -226,14 +242,15 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for workload in args.workloads.split(","):
             steps = args.sft_steps if workload == "sft" else args.grpo_steps
-            for scenario in args.scenarios.split(","):
-                for variant in variants:
-                    load = os.getloadavg()[0]
-                    r = run_one(workload, variant, scenario, steps, args.timeout, Path(tmp))
-                    results.append({**r, "load_before": load})
-                    step = f"{r['step_s']:.3f} s" if r["step_s"] is not None else "no steps"
-                    print(f"  {workload:<5} {scenario:<10} {variant:<10} {step:>10} over {r['steps']} steps"
-                          f"{' (timed out)' if r['timed_out'] else ''}; load before {load:.2f}; {r['threads_line']}", flush=True)
+            for round_ in range(args.rounds):  # machine noise drifts: every variant in every round
+                for scenario in args.scenarios.split(","):
+                    for variant in variants:
+                        load = os.getloadavg()[0]
+                        r = run_one(workload, variant, scenario, steps, args.timeout, Path(tmp))
+                        results.append({**r, "load_before": load, "round": round_})
+                        step = f"{r['step_s']:.3f} s" if r["step_s"] is not None else "no steps"
+                        print(f"  {workload:<5} {scenario:<10} {variant:<10} {step:>10} over {r['steps']} steps"
+                              f"{' (timed out)' if r['timed_out'] else ''}; load before {load:.2f}; {r['threads_line']}", flush=True)
     report(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

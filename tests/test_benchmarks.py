@@ -100,3 +100,16 @@ def test_summary_of_an_async_run_by_hand():
 def test_the_queued_start_up_steps_are_left_out():
     rows = [{"time/step_s": 9.0, "train/tokens": 1}] * 3 + [{"time/step_s": 1.0, "train/tokens": 10}]
     assert _load("bench_async").summarize(rows, skip=3)["steps_per_s"] == 1.0
+
+
+def test_bench_threads_cells_are_medians_over_rounds(capsys):
+    bt = _load("bench_threads")
+    runs = [{"workload": "sft", "variant": "posttrain", "scenario": "idle", "step_s": s, "timed_out": False}
+            for s in (0.08, 0.06, 0.07)]
+    runs += [{"workload": "sft", "variant": "torch", "scenario": "idle", "step_s": s, "timed_out": t}
+             for s, t in ((0.05, False), (None, True))]
+    cells = bt.combine(runs)
+    assert cells[("sft", "posttrain", "idle")] == {"step_s": 0.07, "timed_out": False}
+    assert cells[("sft", "torch", "idle")] == {"step_s": 0.05, "timed_out": True}  # a round without steps adds none
+    bt.report(runs)
+    assert "posttrain / torch   1.40x" in capsys.readouterr().out

@@ -300,3 +300,16 @@ def test_set_count_moves_the_adaptive_ceiling(monkeypatch):
     assert [a() for _ in range(12)] == [2] * 12  # no probe above the new ceiling
     threads.set_count(4)
     assert (threads.ceiling(), a.current, set_to) == (4, 4, [2, 4])
+
+
+def test_apply_leaves_torch_alone_when_the_count_is_already_right(monkeypatch):
+    # torch.set_num_threads also switches MKL's dynamic thread count off, which made the demo's
+    # decode 25-40 % slower at the same count: only a change of count may call it.
+    set_to = []
+    monkeypatch.setattr(torch, "set_num_threads", set_to.append)
+    monkeypatch.setattr(torch, "set_num_interop_threads", lambda n: None)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    threads.apply("2")
+    assert set_to == []
+    threads.apply("3")
+    assert set_to == [3]
