@@ -164,6 +164,33 @@ def test_a_trajectory_older_than_k_is_refused(model_dir, tmp_path):
             train(tiny_config(model_dir, tmp_path / "run", steps=3, overrides=ASYNC), base=None)
 
 
+class OneMoreRound:
+    """select_groups that asks for one more prompt in each step's first round (as DAPO's dynamic
+    sampling does when too few groups are informative): the trainer samples it with its current weights."""
+
+    @hookimpl
+    def select_groups(self, groups, target):
+        from posttrain.types import GroupSelection
+
+        return GroupSelection(list(groups), more=1 if len(groups) == target else 0)
+
+
+def test_members_the_trainer_samples_in_a_further_round_carry_the_current_version(model_dir, tmp_path):
+    rec = Recorder()
+    train(tiny_config(model_dir, tmp_path / "run", steps=3, overrides={**ASYNC, "save_every": 0}), base=None,
+          plugins=[OneMoreRound(), rec])
+    by_step = {}
+    for step, _, versions in rec.trained:
+        by_step.setdefault(step, []).append(versions)
+    for step, groups in by_step.items():
+        # the worker's groups were sampled one version back; the extra round's, by the trainer now
+        assert groups[:-1] and all(v == [max(0, step - 1)] * len(v) for v in groups[:-1]), (step, groups)
+        assert groups[-1] and set(groups[-1]) == {step}, (step, groups)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["plan/rounds"] for r in rows] == [2.0, 2.0, 2.0]
+    assert all(r["async/trainer_sampled"] == pytest.approx(1 / (len(by_step[0]))) for r in rows)
+
+
 # --- weight-sync verification ---------------------------------------------------------------------
 
 

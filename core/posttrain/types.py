@@ -38,7 +38,7 @@ class Trajectory:
     verify_status: str = "ok"  # ok | timeout | error | skipped
     prefix_len: int = 0  # leading response tokens forced from a RolloutRequest's prefix (off-policy)
     tag: str = ""  # the RolloutRequest's tag
-    policy_version: int | None = None  # async rollouts: the optimizer step whose weights sampled it (None: the current policy)
+    policy_version: int | None = None  # async rollouts: the optimizer step whose weights sampled it (None: synchronous, the current policy)
 
     @property
     def correct(self) -> bool:

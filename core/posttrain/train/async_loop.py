@@ -96,9 +96,18 @@ class AsyncRollouts:
         return item.n_prompts, item.sampling, item.groups
 
     def log_trained(self, groups: list[PromptGroup], m: Metrics) -> None:
-        """Response lengths of what is kept for training, next to async/generated_len_mean: a bias towards
-        short responses (stale long ones discarded, which this loop never does) would show here."""
-        lens = [len(t.response_ids) for g in groups for t in g.members if not t.off_policy]
+        """What is kept for training. Members sampled by the trainer itself, in a further
+        ``select_groups`` round (DAPO's dynamic sampling), get the current version, so every sampled
+        trajectory says which weights sampled it (``async/trainer_sampled``: their share). Response
+        lengths next to async/generated_len_mean: a bias towards short responses (stale long ones
+        discarded, which this loop never does) would show here."""
+        sampled = [t for g in groups for t in g.members if not t.off_policy]
+        here = [t for t in sampled if t.policy_version is None]
+        for t in here:
+            t.policy_version = self.e.step
+        if sampled:
+            m.log("async/trainer_sampled", len(here) / len(sampled))
+        lens = [len(t.response_ids) for t in sampled]
         if lens:
             m.log("async/trained_len_mean", sum(lens) / len(lens))
             m.log("async/trained_len_max", max(lens), reduce="max")
