@@ -133,11 +133,11 @@ def combine(results: list[dict]) -> dict[tuple, dict]:
     runs: dict[tuple, list[dict]] = {}
     for r in results:
         runs.setdefault((r["workload"], r["variant"], r["scenario"]), []).append(r)
-    def median(xs: list[float]) -> float | None:
-        return statistics.median(xs) if xs else None
-
-    return {key: {"step_s": median([r["step_s"] for r in rs if r["step_s"] is not None]),
-                  "timed_out": any(r["timed_out"] for r in rs)} for key, rs in runs.items()}
+    cells = {}
+    for key, rs in runs.items():
+        times = [r["step_s"] for r in rs if r["step_s"] is not None]
+        cells[key] = {"step_s": statistics.median(times) if times else None, "timed_out": any(r["timed_out"] for r in rs)}
+    return cells
 
 
 def report(results: list[dict]) -> None:

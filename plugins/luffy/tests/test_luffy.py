@@ -482,6 +482,9 @@ def test_adaptive_entropy_coefficient_fixed_strategy(pm):
     ({"off_min_clip": 0.9, "off_max_clip": 0.5}, "off_min_clip (0.9) must be <= off_max_clip (0.5)"),
     ({"all_max_clip": 0.0}, "all_max_clip must be > 0"),
     ({"demo_loss": "sft", "target_probs": True}, "demo_loss: sft trains the demonstration with SFT"),
+    ({"entropy_target_mode": "sac"}, "entropy_target_mode 'sac' is not one of fixed | learned"),
+    ({"entropy_target_mode": "learned", "aggregation": "official"}, "entropy_target_mode: learned needs entropy_target"),
+    ({"alpha_lr": 0.0}, "alpha_lr and alpha_max must be > 0"),
 ])
 def test_official_option_errors_name_the_field(section, expected):
     _, problems = validate_algorithm({"name": "luffy", **section}, LUFFYConfig)
@@ -494,7 +497,10 @@ def test_official_names_are_in_the_help():
                           ("on_policy_shaping", "on_policy_reshape"), ("off_max_clip", "off_policy_max_clip"),
                           ("off_min_clip", "off_policy_min_clip"), ("all_max_clip", "all_max_clip"),
                           ("target_probs", "use_off_policy_probs"), ("entropy_target", "use_adaptive_temperature"),
-                          ("shaping_weight", "off_policy_reshape_weight"), ("on_shaping_weight", "on_policy_reshape_weight")]:
+                          ("shaping_weight", "off_policy_reshape_weight"), ("on_shaping_weight", "on_policy_reshape_weight"),
+                          ("entropy_target_mode", "use_adaptive_temperature_fixed"), ("alpha_lr", "alpha_lr"),
+                          ("alpha_max", "adaptive_temperature_clip"), ("entropy_target", "adaptive_temperature_target_entropy"),
+                          ("target_logprobs_key", "target_probs")]:
         assert official in help_of[key], key
 
 
@@ -657,19 +663,3 @@ def test_target_probs_end_to_end_and_the_cli_line(tmp_path, capsys):
     assert len(err) == 1 and "bad.jsonl:2: field 'target_logprobs' is missing" in err[0], err
 
 
-@pytest.mark.parametrize("section, expected", [
-    ({"entropy_target_mode": "sac"}, "entropy_target_mode 'sac' is not one of fixed | learned"),
-    ({"entropy_target_mode": "learned", "aggregation": "official"}, "entropy_target_mode: learned needs entropy_target"),
-    ({"alpha_lr": 0.0}, "alpha_lr and alpha_max must be > 0"),
-])
-def test_learned_entropy_option_errors(section, expected):
-    _, problems = validate_algorithm({"name": "luffy", **section}, LUFFYConfig)
-    assert any(expected in p for p in problems), problems
-
-
-def test_learned_and_target_options_name_the_official_keys():
-    help_of = {k: f.metadata["help"] for k, f in LUFFYConfig.__dataclass_fields__.items()}
-    for key, official in [("entropy_target_mode", "use_adaptive_temperature_fixed"), ("alpha_lr", "alpha_lr"),
-                          ("alpha_max", "adaptive_temperature_clip"), ("entropy_target", "adaptive_temperature_target_entropy"),
-                          ("target_logprobs_key", "target_probs")]:
-        assert official in help_of[key], key
