@@ -246,9 +246,9 @@ def test_dry_run_prints_the_resolved_config_and_the_step_plan(capsys):
     out = capsys.readouterr().out
     assert "# --- stage 0: sft ---" in out and "# --- stage 1: grpo ---" in out
     assert "kl_estimator: k3" in out  # the algorithm's defaults, filled in
-    assert ("stage 0 (sft): 3000 optimizer steps, starts at step 0; 3000 rollout step(s) to go × 32 prompts "
+    assert ("stage 0 (sft): 1500 optimizer steps, starts at step 0; 1500 rollout step(s) to go × 32 prompts "
             "(1 optimizer step(s) each); run dir /nonexistent/dry/stage0-sft") in out
-    assert "stage 1 (grpo): 60 optimizer steps, starts at step 0; 60 rollout step(s) to go × 32 prompts" in out
+    assert "stage 1 (grpo): 40 optimizer steps, starts at step 0; 40 rollout step(s) to go × 32 prompts" in out
     assert not Path("/nonexistent/dry").exists()
 
 
