@@ -18,6 +18,7 @@ from posttrain.loss import micro_batch_loss
 from posttrain.metrics import Metrics
 from posttrain.plugins import make_plugin_manager
 from posttrain.rollout.worker import RolloutWorker, WeightSyncError
+from posttrain.train.async_loop import worker_device
 from posttrain.run import load_config, resolve, train
 from posttrain.testing import make_tiny_model, tiny_config, tiny_group, tiny_tokenizer
 from posttrain.types import Route
@@ -74,6 +75,9 @@ class Recorder:
      "sync_every <= max_staleness (1)"),
     ({"rollout.max_staleness": 1, "rollout.is_cap": 2.0, "rollout.engine": "vllm"}, "implemented for rollout.engine=hf only"),
     ({"rollout.worker_threads": "0"}, "rollout.worker_threads: '0' is not auto or a positive integer"),
+    ({"rollout.worker_device": "gpu"}, "rollout.worker_device: 'gpu' is not auto | cpu | cuda | cuda:N."),
+    ({"rollout.max_staleness": 1, "rollout.is_cap": 2.0, "rollout.worker_device": "cuda:64"},
+     "rollout.worker_device: cuda:64 is not available here"),
 ])
 def test_async_config_mistakes_get_one_line(model_dir, tmp_path, over, message):
     with pytest.raises(ConfigError) as e:
@@ -252,6 +256,29 @@ def test_free_mode_resume_trains_every_prompt_exactly_once(model_dir, tmp_path):
     assert second.trained[0][0] == 3
     for step, _, versions in full.trained + second.trained:
         assert all(step - 2 <= v <= step for v in versions), (step, versions)  # within k = 2, never newer
+
+
+def test_the_worker_device_is_the_trainers_unless_set():
+    assert worker_device("auto", torch.device("cpu")) == "cpu"
+    assert worker_device("auto", torch.device("cuda", 1)) == "cuda:1"  # a GPU run samples on its own GPU
+    assert worker_device("cpu", torch.device("cuda", 0)) == "cpu"
+    assert worker_device("cuda:1", torch.device("cuda", 0)) == "cuda:1"
+    assert worker_device("cuda", torch.device("cpu")) == "cuda:0"  # LOCAL_RANK's GPU, 0 in one process
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_the_worker_serves_the_pushed_weights_on_its_device(model_dir, device):
+    model = AutoModelForCausalLM.from_pretrained(model_dir).to(device)
+    w = RolloutWorker(model, tiny_tokenizer(), mode="pipelined", threads=1, seed=0, batch_size=8, device=device)
+    try:
+        w.push(model, 0)
+        while w._unacked:  # the load's answer; ProbeCheck raises if the probe log-probs differ
+            w._receive(block=True)
+        assert w.served_device == str(torch.device(device, 0) if device == "cuda" else torch.device(device))
+        assert w.check.last_served is not None
+    finally:
+        w.close()
 
 
 def test_no_worker_process_is_left_behind():

@@ -92,6 +92,7 @@ class RolloutConfig:
     sync_every: int = help_field(1, "Async: push the trainer's weights to the rollout worker every this many rollout steps (free mode only; at most max_staleness, so the bound can hold). Every push is verified (version stamp + probe log-probs).")
     is_mask: Optional[list] = help_field(None, "Masked importance sampling (any algorithm): [low, high]; sampled tokens whose weight π_old/π_sampling lies outside the band are left out of the loss (counted as train/is_masked). Combines with is_cap. None disables; e.g. [0.5, 2.0].")
     worker_threads: str = help_field("auto", "Async: intra-op threads of the rollout worker process: auto (half of trainer.threads' count, at least 1; the trainer keeps the rest, so the two together stay within the cores) | N.")
+    worker_device: str = help_field("auto", "Async: where the rollout worker process samples: auto (the trainer's device, so a GPU run samples on its GPU, not on the CPU) | cpu | cuda | cuda:N (e.g. cuda:1: a GPU of its own).")
 
 
 @dataclass
@@ -419,8 +420,17 @@ def _check_async(r: RolloutConfig) -> list[str]:
         parse_threads(r.worker_threads, "rollout.worker_threads")
     except ValueError as e:
         p.append(str(e))
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(r.worker_device)):
+        p.append(f"rollout.worker_device: '{r.worker_device}' is not auto | cpu | cuda | cuda:N.")
     if r.max_staleness < 1:
         return p
+    if str(r.worker_device).startswith("cuda"):
+        import torch
+
+        index = int(r.worker_device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            p.append(f"rollout.worker_device: {r.worker_device} is not available here ({torch.cuda.device_count()} CUDA "
+                     "devices); use auto (the trainer's device) or cpu.")
     if r.is_cap is None and r.is_mask is None:
         p.append(f"rollout.max_staleness: {r.max_staleness} trains on rollouts of older policies, which needs importance "
                  "sampling: set rollout.is_cap (e.g. 2.0) or rollout.is_mask (e.g. [0.5, 2.0]).")

@@ -15,8 +15,9 @@ tensors (``share_memory_``: torch's own inter-process transfer, no file format):
 * a request runs ``generate_requests`` with the HF engine (``hf.py``, through its protocol) and
   answers with the trajectories and the version that sampled them.
 
-The worker's sampling RNG is its own (seeded from ``trainer.seed``); ``rng`` / ``set_rng`` move it
-in and out of checkpoints. vLLM has no worker here yet (``config.py`` refuses the combination).
+The worker's model lives on ``rollout.worker_device`` (auto: the trainer's device; the shared
+buffer stays in CPU memory and each load copies it over). Its sampling RNG is its own (seeded from
+``trainer.seed``); ``rng`` / ``set_rng`` move it in and out of checkpoints. vLLM has no worker here yet (``config.py`` refuses the combination).
 """
 
 from __future__ import annotations
@@ -98,7 +99,8 @@ class ProbeCheck:
 class RolloutWorker:
     """The trainer's handle on the worker process (started by ``start``, stopped by ``close``)."""
 
-    def __init__(self, model: Any, tokenizer: Any, *, mode: str, threads: int, seed: int, batch_size: int):
+    def __init__(self, model: Any, tokenizer: Any, *, mode: str, threads: int, seed: int, batch_size: int,
+                 device: str = "cpu"):
         import torch.multiprocessing as mp
 
         ctx = mp.get_context("spawn")
@@ -110,12 +112,13 @@ class RolloutWorker:
         self.check = ProbeCheck(next(iter(self.buffer.values())).dtype)
         self.proc = ctx.Process(target=_main, daemon=True, name="posttrain-rollout-worker",
                                 args=(plain_config(model), tokenizer, self.buffer, self.cmd, self.res, self.lock, self.version,
-                                      mode, threads, seed, batch_size, self.probe))
+                                      mode, threads, seed, batch_size, self.probe, device))
         self.proc.start()
         self._tickets = 0
         self._done: dict[int, tuple] = {}
         self._unacked: list[int] = []
         self.worker_busy_s = 0.0
+        self.served_device: str | None = None  # where the worker's model is, as it reports after a load
 
     # --- weights -----------------------------------------------------------------------------
 
@@ -174,7 +177,7 @@ class RolloutWorker:
         if kind == "error":
             raise RuntimeError(f"the rollout worker failed: {msg[1]}")
         if kind == "loaded":
-            _, version, got, lp = msg
+            _, version, got, lp, self.served_device = msg
             if self.mode == "free":  # the worker loads the newest push; those it skipped are not checked
                 self.check.expected = {v: e for v, e in self.check.expected.items() if v >= got}
                 self._unacked = [v for v in self._unacked if v > got]
@@ -206,7 +209,7 @@ class RolloutWorker:
             self.proc = None
 
 
-def _main(config, tokenizer, buffer, cmd, res, lock, version, mode, threads, seed, batch_size, probe) -> None:
+def _main(config, tokenizer, buffer, cmd, res, lock, version, mode, threads, seed, batch_size, probe, device) -> None:
     """The worker process: load, generate, report, until ``stop``."""
     import multiprocessing
     import signal
@@ -223,7 +226,7 @@ def _main(config, tokenizer, buffer, cmd, res, lock, version, mode, threads, see
         from .hf import HFRolloutEngine
 
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=next(iter(buffer.values())).dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=next(iter(buffer.values())).dtype).to(device)
         params = dict(model.named_parameters())
         if set(params) != set(buffer):
             raise RuntimeError(f"weights the trainer pushes ({len(buffer)}) do not match the worker's model ({len(params)})")
@@ -236,7 +239,7 @@ def _main(config, tokenizer, buffer, cmd, res, lock, version, mode, threads, see
                 for k, p in params.items():
                     p.copy_(buffer[k])
             loaded = v
-            res.put(("loaded", v, loaded, probe_logprobs(model, probe)))
+            res.put(("loaded", v, loaded, probe_logprobs(model, probe), str(next(model.parameters()).device)))
 
         parent = multiprocessing.parent_process()
         while True:

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from .. import distributed as dist_utils
 from .. import threads
 from ..metrics import Metrics, log_rollouts
 from ..types import Example, PromptGroup, Trajectory
@@ -168,7 +169,8 @@ class AsyncRollouts:
         threads.set_count(trainer)  # under auto, adaptation continues below the trainer's share
         e = self.e
         self.worker = RolloutWorker(e.backend.model, e.tokenizer, mode=self.mode, threads=worker,
-                                    seed=e.cfg.trainer.seed + 7919, batch_size=e.cfg.rollout.batch_size)
+                                    seed=e.cfg.trainer.seed + 7919, batch_size=e.cfg.rollout.batch_size,
+                                    device=worker_device(e.cfg.rollout.worker_device, e.device))
         if self._rng is not None:
             self.worker.set_rng(self._rng)
         m.log("async/trainer_threads", trainer, reduce="last")
@@ -193,6 +195,13 @@ class AsyncRollouts:
     def load_state_dict(self, state: dict) -> None:
         self.pending = {int(u): _item(d) for u, d in state["pending"].items()}
         self._rng = state["worker_rng"]
+
+
+def worker_device(setting: str, trainer_device: torch.device) -> str:
+    """``rollout.worker_device`` resolved: auto is the trainer's device (a GPU run samples on its GPU)."""
+    if setting == "auto":
+        return str(trainer_device)
+    return str(dist_utils.device_for_rank(setting))
 
 
 def thread_split(worker_threads: object) -> tuple[int, int]:
