@@ -277,8 +277,25 @@ def test_the_worker_serves_the_pushed_weights_on_its_device(model_dir, device):
             w._receive(block=True)
         assert w.served_device == str(torch.device(device, 0) if device == "cuda" else torch.device(device))
         assert w.check.last_served is not None
+        assert sorted(w.rng()) == (["cpu", "cuda"] if device == "cuda" else ["cpu"])  # what a checkpoint keeps
     finally:
         w.close()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda:0", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_the_worker_rng_state_round_trips_and_reads_old_checkpoints(device):
+    from posttrain.rollout.worker import _rng_state, _set_rng_state
+
+    state = _rng_state(device)
+    assert sorted(state) == (["cpu", "cuda"] if device != "cpu" else ["cpu"])
+    drawn = torch.rand(4, device=device)
+    _set_rng_state(state, device)
+    assert torch.equal(torch.rand(4, device=device), drawn)  # the draw that sampled the tokens, again
+    _set_rng_state(state["cpu"], device)  # a checkpoint of the earlier format: the CPU tensor alone
+    first = torch.rand(4)
+    _set_rng_state(state["cpu"], device)
+    assert torch.equal(torch.rand(4), first)
 
 
 def test_no_worker_process_is_left_behind():

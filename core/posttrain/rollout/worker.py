@@ -17,7 +17,8 @@ tensors (``share_memory_``: torch's own inter-process transfer, no file format):
 
 The worker's model lives on ``rollout.worker_device`` (auto: the trainer's device; the shared
 buffer stays in CPU memory and each load copies it over). Its sampling RNG is its own (seeded from
-``trainer.seed``); ``rng`` / ``set_rng`` move it in and out of checkpoints. vLLM has no worker here yet (``config.py`` refuses the combination).
+``trainer.seed``; on a GPU, that GPU's generator too); ``rng`` / ``set_rng`` move it in and out of
+checkpoints. vLLM has no worker here yet (``config.py`` refuses the combination).
 """
 
 from __future__ import annotations
@@ -157,13 +158,14 @@ class RolloutWorker:
             self._receive(block=True)
         return self._done.pop(ticket)
 
-    def rng(self) -> torch.Tensor:
+    def rng(self) -> dict[str, torch.Tensor]:
+        """The worker's sampling RNG: {"cpu": state}, plus "cuda" when it samples on a GPU."""
         self.cmd.put(("rng",))
         while "rng" not in self._done:
             self._receive(block=True)
         return self._done.pop("rng")
 
-    def set_rng(self, state: torch.Tensor) -> None:
+    def set_rng(self, state: dict[str, torch.Tensor] | torch.Tensor) -> None:
         self.cmd.put(("set_rng", state))
 
     def _receive(self, block: bool) -> None:
@@ -254,9 +256,9 @@ def _main(config, tokenizer, buffer, cmd, res, lock, version, mode, threads, see
             if msg[0] == "load":
                 load(msg[1])
             elif msg[0] == "rng":
-                res.put(("rng", torch.get_rng_state()))
+                res.put(("rng", _rng_state(device)))
             elif msg[0] == "set_rng":
-                torch.set_rng_state(msg[1])
+                _set_rng_state(msg[1], device)
             elif msg[0] == "gen":
                 _, ticket, prompts, requests, sp, min_version = msg
                 while mode == "free":  # pacing: sample with the newest weights, never older than min_version
@@ -272,3 +274,20 @@ def _main(config, tokenizer, buffer, cmd, res, lock, version, mode, threads, see
                 res.put(("gen", ticket, loaded, out, time.perf_counter() - t))
     except BaseException:
         res.put(("error", traceback.format_exc(limit=-3).strip().splitlines()[-1]))
+
+
+def _rng_state(device: str) -> dict[str, torch.Tensor]:
+    """What draws the worker's tokens: the CPU generator, and on a GPU that GPU's (torch.multinomial
+    on CUDA logits uses it), so a resumed GPU run continues the same stream."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.device(device).type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor] | torch.Tensor, device: str) -> None:
+    if isinstance(state, torch.Tensor):  # a checkpoint written before the GPU state was kept
+        state = {"cpu": state}
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.device(device).type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)

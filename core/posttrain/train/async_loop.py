@@ -66,7 +66,7 @@ class AsyncRollouts:
         self.ahead = self.k - self.sync_every + 1
         self.pending: dict[int, Produced] = {}  # rollout step → its groups
         self.worker = None  # started by the first take
-        self._rng: torch.Tensor | None = None  # the worker's RNG from a checkpoint
+        self._rng: dict | torch.Tensor | None = None  # the worker's RNG from a checkpoint
         self._pushed = -1
 
     @property
