@@ -275,7 +275,7 @@ def test_the_worker_serves_the_pushed_weights_on_its_device(model_dir, device):
         w.push(model, 0)
         while w._unacked:  # the load's answer; ProbeCheck raises if the probe log-probs differ
             w._receive(block=True)
-        assert w.served_device == str(torch.device(device, 0) if device == "cuda" else torch.device(device))
+        assert w.served_device == {"cpu": "cpu", "cuda": "cuda:0"}[device]
         assert w.check.last_served is not None
         assert sorted(w.rng()) == (["cpu", "cuda"] if device == "cuda" else ["cpu"])  # what a checkpoint keeps
     finally:
