@@ -8,8 +8,9 @@ arithmetic prompts, prompts × completions (n = 4), max new tokens, temperature 
 no top-p), an exact-match reward on the text after the last "=", one optimizer step (AdamW,
 lr 1e-5, fp32) per rollout, no KL, no gradient checkpointing, the same torch thread count.
 
-* posttrain: ``posttrain.run.train`` with ``algorithm=grpo`` and ``verifier=exact``; step times
-  and the phase split come from its metrics (``time/step_s``, ``time/rollout_s``, ...).
+* posttrain: ``posttrain.run.train`` with ``algorithm=grpo`` and ``verifier=exact`` and its
+  default micro-batching (rows of similar length share a pass); step times and the phase split
+  come from its metrics (``time/step_s``, ``time/rollout_s``, ...).
 * TRL: ``GRPOTrainer`` with the matching ``GRPOConfig``; step time from a callback.
 * raw torch: ``model.generate`` (KV cache) + reward + one forward/backward/AdamW on the batch,
   no framework at all.
@@ -80,7 +81,7 @@ def run_posttrain(model_dir: Path, seqs: int, new_tokens: int, steps: int, tmp: 
     run = Path(tempfile.mkdtemp(dir=tmp))
     over = {"rollout.n": N, "rollout.max_new_tokens": new_tokens, "rollout.temperature": 1.0,
             "rollout.batch_size": seqs, "rollout.compile": compile, "trainer.prompts_per_step": seqs // N,
-            "trainer.lr": LR, "trainer.micro_batch_tokens": 1 << 20, "trainer.device": "cpu",
+            "trainer.lr": LR, "trainer.device": "cpu",
             "trainer.grad_clip": None, "trainer.threads": threads,
             "verifier.name": "exact", "data.template": "{prompt}", "eval.enabled": False}
     clock = _CpuClock()

@@ -112,7 +112,7 @@ class TrainerConfig:
     prompts_per_minibatch: Optional[int] = help_field(None, "Prompts per optimizer step; None = the whole rollout batch.")
     ppo_epochs: int = help_field(1, "Passes over each rollout batch.")
     max_sampling_rounds: int = help_field(10, "When select_groups asks for more prompts (DAPO's dynamic sampling), at most this many rounds of draw → rollout → verify per step, the first included (DAPO's max_num_gen_batches); when the cap stops it the step trains on what it has and logs plan/rounds_capped = 1.")
-    micro_batch_tokens: int = help_field(16384, "Token budget (rows × padded length) per forward/backward pass.")
+    micro_batch_tokens: int = help_field(16384, "Token budget (rows × padded length) per forward/backward pass; rows of similar length share a pass.")
     logprob_chunk: int = help_field(256, "Positions per chunk when computing log-probs/entropy (memory vs speed).")
     lr: float = help_field(1e-6, "AdamW learning rate.")
     betas: list = help_field([0.9, 0.999], "AdamW betas.")

@@ -1,0 +1,74 @@
+"""Micro-batches: rows of similar length together, within the token budget, cut where it pays."""
+
+import pytest
+import torch
+
+from posttrain.batching import build_train_batch, micro_batch_rows
+from posttrain.testing import sized_group, tiny_tokenizer
+from posttrain.types import Route
+
+PAD = tiny_tokenizer().pad_token_id
+
+
+def _batch(lens_per_group):
+    groups = [sized_group([1.0] * len(lens), lens, uid=f"tiny:{g}") for g, lens in enumerate(lens_per_group)]
+    return build_train_batch(groups, [Route(rl=1.0)] * len(groups), PAD)
+
+
+def _padded(batch, micro):
+    """Tokens of the micro-batches as trim_padding shapes them: rows × (widest prompt + longest response)."""
+    prompt = batch.attention_mask[:, :batch.prompt_len].sum(-1)
+    response = batch.response_mask.sum(-1)
+    return sum(len(r) * int(prompt[r].max() + response[r].max()) for r in micro)
+
+
+def test_rows_of_similar_length_go_together():
+    # Prompt "1+1=" is 4 tokens: rows of 4 + [10, 100, 12, 98] tokens. Budget 1000, so a pass
+    # costs 1000 / 16 = 62.5 tokens. One micro-batch: 4 × 104 = 416 (+ 62.5); by length:
+    # 2 × 16 + 2 × 104 = 240 (+ 125) — cheaper, so rows 0 and 2, then 1 and 3.
+    batch = _batch([[10, 100, 12, 98]])
+    micro = micro_batch_rows(batch, token_budget=1000)
+    assert [r.tolist() for r in micro] == [[0, 2], [1, 3]]
+    assert _padded(batch, micro) == 240
+    # three passes would pad less (2 × 16 + 102 + 104 = 238) but cost one pass more
+    assert _padded(batch, [torch.tensor([0, 2]), torch.tensor([3]), torch.tensor([1])]) == 238
+
+
+def test_equal_lengths_stay_one_micro_batch_in_batch_order():
+    batch = _batch([[50, 49, 50, 48]])  # nothing to gain from a cut: 4 × 54 = 216 tokens
+    assert [r.tolist() for r in micro_batch_rows(batch, token_budget=1000)] == [[0, 1, 2, 3]]
+
+
+def test_the_budget_is_never_exceeded():
+    batch = _batch([[10, 100, 12, 98, 30, 31, 60, 5]])
+    for budget in (120, 250, 400, 1000):
+        micro = micro_batch_rows(batch, token_budget=budget)
+        assert sorted(torch.cat(micro).tolist()) == list(range(8))  # every row exactly once
+        sizes = [_padded(batch, [r]) for r in micro]
+        assert max(sizes) <= budget, (budget, sizes)
+    # a row larger than the budget gets a pass of its own
+    assert [r.tolist() for r in micro_batch_rows(batch, token_budget=1)] == [[i] for i in range(8)]
+
+
+def test_whole_groups_are_cut_between_prompts_only():
+    # Prompt 0: rows of 10 and 100 tokens; prompt 1: 12 and 14. Whole: 4 × 104 = 416 (+ 62.5);
+    # per prompt: 2 × 104 + 2 × 18 = 244 (+ 125).
+    batch = _batch([[10, 100], [12, 14]])
+    assert batch.prompt_index.tolist() == [0, 0, 1, 1]
+    assert [r.tolist() for r in micro_batch_rows(batch, token_budget=1000, whole_groups=True)] == [[0, 1], [2, 3]]
+    # without whole_groups the two short rows of different prompts may share a pass with row 0
+    assert [r.tolist() for r in micro_batch_rows(batch, token_budget=1000)] == [[0, 2, 3], [1]]
+
+
+@pytest.mark.parametrize("budget", [1 << 20, 16384])
+def test_a_batch_of_responses_of_every_length_is_cut_in_a_few_passes(budget):
+    # 64 GRPO rollouts of 2..128 tokens (uniform), as in benchmarks/bench_vs_trl.py at 64 × 128
+    lens = torch.randint(2, 129, (64,), generator=torch.Generator().manual_seed(0)).tolist()
+    batch = _batch([lens[i:i + 4] for i in range(0, 64, 4)])
+    micro = micro_batch_rows(batch, token_budget=budget)
+    one = _padded(batch, [torch.arange(64)])
+    assert one == 64 * (4 + max(lens))
+    if budget == 1 << 20:  # a pass costs 65536 tokens here: never worth a cut
+        assert len(micro) == 1
+    else:  # 1024 tokens a pass: two passes, a quarter less padding
+        assert len(micro) == 2 and _padded(batch, micro) < 0.8 * one
