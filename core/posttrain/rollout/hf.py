@@ -145,7 +145,9 @@ class HFRolloutEngine:
                     cache.reorder_cache(keep)
                     rows, tok, full_mask, next_pos = rows[keep], tok[keep], full_mask[keep], next_pos[keep]
                 rows = torch.where(done[keep], B, rows)
-            logits = step(tok[:, None], full_mask if compiled else full_mask[:, :W + t + 1], next_pos, cache)
+            # Eager: the [B, 1, 1, kv] boolean mask sdpa reads, given ready-made (transformers
+            # returns a 4-D mask as it is instead of building it again every step).
+            logits = step(tok[:, None], full_mask if compiled else full_mask[:, None, None, :W + t + 1].bool(), next_pos, cache)
             next_pos = next_pos + 1
         return zip(toks[:B].tolist(), lps[:B].tolist())
 
