@@ -4,6 +4,7 @@ line; auto follows affinity, the cgroup quota and the ranks on the host; the use
 from __future__ import annotations
 
 import operator
+import math
 import os
 import shutil
 import subprocess
@@ -249,13 +250,39 @@ def test_adaptive_drops_by_the_threads_that_waited_and_probes_back_up(monkeypatc
     assert a.probing is False and a() == 4  # at the ceiling: no more probes
 
 
-def test_adaptive_looks_at_most_every_interval(monkeypatch):
+def test_adaptive_judges_a_new_count_quickly_and_a_steady_one_every_interval(monkeypatch):
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
-    samples = iter([(0.0, 0.0), (0.2, 5.0), (0.6, 5.0)])
-    a = threads.Adaptive(2, sample=lambda: next(samples))
+    monkeypatch.setattr(threads.Adaptive, "probe_after", 5.0)
+    # (time s, run-queue wait s so far); every look reads the next one
+    samples = iter([(0.0, 0.0), (0.05, 0.0), (0.15, 0.001), (0.4, 2.0), (0.7, 2.0),
+                    (6.0, 2.0), (6.6, 2.0), (6.65, 2.0), (6.75, 2.05)])
+    a = threads.Adaptive(2, sample=lambda: next(samples), clock=lambda: math.inf)  # this clock never skips a look
     assert a() == 2  # the first look starts the clock
-    assert a() == 2  # 0.2 s after the last look: no decision, however much it waited
-    assert a() == 1  # 0.6 s: 5 s waited over 0.6 s
+    assert a() == 2  # 0.05 s: too soon even for the starting count
+    assert a() == 2  # 0.15 s: the starting count is judged after 0.1 s (calm)
+    assert a() == 2  # 0.4 s: a steady count waits 0.5 s between decisions, however much it waited
+    assert a() == 1  # 0.7 s: 2 s waited over 0.55 s, 3.6 threads' worth: down to 1
+    assert a(probe=False) == 1  # 6.0 s: a probe is due (5 s after the drop) but this look may not start one
+    assert a() == 2  # 6.6 s: this one may
+    assert a() == 2  # 6.65 s: the probe is judged after 0.1 s, not before
+    assert a() == 1  # 6.75 s: 0.05 s waited over 0.15 s, 0.33 threads' worth: the probe failed
+    assert a.next_probe == pytest.approx(6.75 + 10.0)  # and the next one waits twice as long
+
+
+def test_adaptive_reads_the_kernel_only_when_a_decision_is_due():
+    now, reads = [0.0], []
+
+    def sample():
+        reads.append(now[0])
+        return now[0], 0.0
+
+    a = threads.Adaptive(2, sample=sample, clock=lambda: now[0])
+    for t in (0.0, 0.05, 0.06, 0.08, 0.09, 0.1, 0.2, 0.59, 0.6):
+        now[0] = t
+        a()
+    # 0: starts the clock; 0.05: too soon, nothing due before 0.1; 0.1: the first judgement;
+    # 0.2: too soon, nothing due before 0.6 (a steady count); 0.6: the next decision
+    assert reads == [0.0, 0.05, 0.1, 0.2, 0.6]
 
 
 def test_run_queue_wait_reads_this_process():

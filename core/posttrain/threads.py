@@ -229,13 +229,15 @@ def limit_worker(threads: int = 1) -> None:
 _adaptive: Optional["Adaptive"] = None
 
 
-def adapt() -> int:
+def adapt(probe: bool = True) -> int:
     """Between steps, on the thread that runs torch (OpenMP's count is per calling thread): under
     ``auto``, lower the intra-op count while other programs take the cores, raise it when they
-    stop (``Adaptive``). Cheap enough to call often: it looks at most every
-    ``Adaptive.interval`` s. Returns the count."""
+    stop (``Adaptive``). Cheap enough to call every decoded token: it reads the kernel's
+    statistics (about 60 µs) only when a decision is due. ``probe=False``: this look may lower the count or judge a probe,
+    but not start one (the middle of a rollout, whose end may be too near for the judgement).
+    Returns the count."""
     if _adaptive is not None:
-        return _adaptive()
+        return _adaptive(probe)
     import torch
 
     return torch.get_num_threads()
@@ -280,34 +282,45 @@ class Adaptive:
     most every ``interval`` s) reads that wait from the kernel's scheduler statistics, in threads'
     worth (seconds waited per second). Above ``contended`` the count drops at once by the threads'
     worth that waited (at least 1 remains). A lowered count is probed: after ``probe_after`` s one
-    more thread is tried for a look; if it waited too, the count goes back down and the next
-    probe waits twice as long (up to ``max_probe_after``). Waiting, not other programs' CPU use,
-    is the signal because a lower-priority neighbour uses idle cores without taking them from us.
+    more thread is tried, at a look that allows it (the start of a step or of a rollout, so the
+    probe is judged while the work goes on, not after a whole train phase on a contended core);
+    if it waited too, the count goes back down and the next probe waits twice as long (up to
+    ``max_probe_after``). A count just tried (the first, a probe) is judged after ``judge_after``
+    s, not ``interval``: each look at two threads fighting a neighbour costs their slowdown.
+    Waiting, not other programs' CPU use, is the signal because a lower-priority neighbour uses
+    idle cores without taking them from us.
     """
 
     interval = 0.5
+    judge_after = 0.1
     contended = 0.2
     probe_after = 5.0
     max_probe_after = 80.0
 
-    def __init__(self, ceiling: int, sample=run_queue_wait):
+    def __init__(self, ceiling: int, sample=run_queue_wait, clock=time.monotonic):
         import torch
 
-        self.set_threads, self.ceiling, self.sample = torch.set_num_threads, ceiling, sample
+        self.set_threads, self.ceiling, self.sample, self.clock = torch.set_num_threads, ceiling, sample, clock
+        self.due = -math.inf  # clock time before which a look cannot decide anything: skip reading the kernel
         self.current, self.probing, self.backoff = ceiling, False, self.probe_after
         self.last: Optional[tuple[float, float]] = None  # the first look only starts the clock:
         self.next_probe = math.inf  # what waited while the model loaded says nothing about training
+        self.judged = False  # the starting count is judged as soon as a probe is
 
-    def __call__(self) -> int:
+    def __call__(self, probe: bool = True) -> int:
+        if self.clock() < self.due:
+            return self.current
         now, waited = self.sample()
         if self.last is None:
             self.last = (now, waited)
             return self.current
         dt = now - self.last[0]
-        if dt < self.interval:
+        window = self.interval if self.judged and not self.probing else self.judge_after
+        if dt < window:
+            self.due = self.last[0] + window
             return self.current
         waiting = (waited - self.last[1]) / dt
-        self.last = (now, waited)
+        self.last, self.judged = (now, waited), True
         if waiting > self.contended:
             if self.probing:
                 self.backoff = min(2 * self.backoff, self.max_probe_after)
@@ -316,7 +329,7 @@ class Adaptive:
         elif self.probing:  # the extra thread found a free core
             self.probing, self.backoff = False, self.probe_after
             self.next_probe = now + self.backoff
-        elif self.current < self.ceiling and now >= self.next_probe:
+        elif probe and self.current < self.ceiling and now >= self.next_probe:
             self._set(self.current + 1)
             self.probing = True
         return self.current

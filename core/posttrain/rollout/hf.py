@@ -128,8 +128,7 @@ class HFRolloutEngine:
         rows = torch.arange(B, device=device)  # which sequence each row of the decode batch is
         min_rows = 2 if compiled else 1  # a batch of 1 would make the compiled step specialise and recompile
         for t in range(T):
-            if t % 16 == 0:  # a long rollout gives its threads up to a neighbour without waiting for the step's end
-                threads.adapt()
+            threads.adapt(probe=t == 0)  # a long rollout gives its threads up to a neighbour without waiting for the step's end
             tok, lp = sample(logits, params)
             toks[rows, t], lps[rows, t] = tok, lp
             if t == T - 1:
