@@ -106,6 +106,38 @@ def test_grpo_micro_batching_and_minibatches(model_dir, tmp_path):
     assert [r["step"] for r in rows] == [2]
 
 
+def test_length_sorted_micro_batches_do_not_change_the_update(model_dir, tmp_path, monkeypatch):
+    # GRPO rollouts of 1..16 tokens: a budget of 160 tokens (10 per pass) cuts the 16 rows into
+    # micro-batches of similar length, not in batch order; the update must be that of one pass.
+    import posttrain.engine as engine
+
+    splits = []
+
+    def recorded(*args, **kw):
+        splits.append([r.tolist() for r in micro_batch_rows(*args, **kw)])
+        return [torch.tensor(r) for r in splits[-1]]
+
+    def run(name, budget):
+        over = {"trainer.micro_batch_tokens": budget, "algorithm.entropy_coef": 0.01}
+        final, = train(tiny_config(model_dir, tmp_path / name, steps=1, overrides=over), base=None)
+        return _params(final), read_metrics(tmp_path / name / "metrics.jsonl")[0]
+
+    from posttrain.batching import micro_batch_rows
+
+    monkeypatch.setattr(engine, "micro_batch_rows", recorded)
+    (pa, ma) = run("one", 100_000)
+    assert {str(s) for s in splits} == {str([list(range(16))])}
+    splits.clear()
+    (pb, mb) = run("sorted", 160)
+    cut = splits[-1]  # the update's
+    assert len(cut) > 1 and any(r != list(range(r[0], r[0] + len(r))) for r in cut), cut
+    assert sorted(sum(cut, [])) == list(range(16))
+    assert ma["loss/pg"] == pytest.approx(mb["loss/pg"], abs=1e-6)
+    assert ma["loss/entropy"] == pytest.approx(mb["loss/entropy"], rel=1e-5)
+    assert ma["train/grad_norm"] == pytest.approx(mb["train/grad_norm"], rel=1e-5)
+    assert all(torch.allclose(pa[k], pb[k], atol=1e-4) for k in pa)
+
+
 def test_stages_chain_weights(model_dir, tmp_path):
     cfg = tiny_config(model_dir, tmp_path / "run", steps=1)
     cfg["stages"] = [{"algorithm": {"name": "sft"}, "trainer": {"steps": 1}}, {"algorithm": {"name": "grpo"}}]
