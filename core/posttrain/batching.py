@@ -162,29 +162,36 @@ def micro_batch_rows(batch: TrainBatch, token_budget: int, whole_groups: bool = 
     response = batch.response_mask.sum(-1)
     # Units that must stay together: single rows, or runs of rows of the same prompt.
     bounds = [0] + [i for i in range(1, n) if not whole_groups or batch.prompt_index[i] != batch.prompt_index[i - 1]] + [n]
-    units = [(a, b) for a, b in zip(bounds, bounds[1:])]
+    units = list(zip(bounds, bounds[1:]))
     P = torch.tensor([float(prompt[a:b].max()) for a, b in units], dtype=torch.float64)
     R = torch.tensor([float(response[a:b].max()) for a, b in units], dtype=torch.float64)
+    rows = torch.tensor([float(b - a) for a, b in units], dtype=torch.float64)
     order = torch.argsort(P + R, stable=True)
-    P, R = P[order], R[order]
-    rows_before = torch.cat([torch.zeros(1, dtype=torch.float64),
-                             torch.tensor([float(units[u][1] - units[u][0]) for u in order.tolist()], dtype=torch.float64).cumsum(0)])
-    # best[j]: the cheapest cut of the first j sorted units; cut[j]: where its last micro-batch starts.
-    pass_cost = token_budget / 16
-    best = torch.zeros(len(units) + 1, dtype=torch.float64)
-    cut = [0] * (len(units) + 1)
-    for j in range(1, len(units) + 1):
-        # Micro-batch = sorted units i..j-1, for every i < j: its rows × its widest prompt + response.
+    micro = []
+    for first, end in _cheapest_cuts(P[order], R[order], rows[order], token_budget, pass_cost=token_budget / 16):
+        picked = sorted(order[first:end].tolist())  # batch order inside a micro-batch
+        micro.append(torch.cat([torch.arange(*units[u]) for u in picked]))
+    return sorted(micro, key=lambda r: int(r[0]))  # in batch order, as far as the cut allows
+
+
+def _cheapest_cuts(P: torch.Tensor, R: torch.Tensor, rows: torch.Tensor, budget: float, pass_cost: float) -> list[tuple[int, int]]:
+    """Cut units sorted by length into consecutive runs [first, end): the fewest padded tokens
+    (rows × (widest prompt P + longest response R) of each run) plus ``pass_cost`` per run, no run
+    above ``budget`` unless it is one unit. Dynamic programming over the end of the last run."""
+    rows_before = torch.cat([rows.new_zeros(1), rows.cumsum(0)])
+    best = torch.zeros(len(P) + 1, dtype=torch.float64)  # best[j]: cheapest cut of the first j units
+    start = [0] * (len(P) + 1)  # start[j]: where that cut's last run starts
+    for j in range(1, len(P) + 1):
+        # the run i..j-1 for every i < j: its rows × (its widest prompt + its longest response)
         width = P[:j].flip(0).cummax(0).values.flip(0) + R[:j].flip(0).cummax(0).values.flip(0)
         size = (rows_before[j] - rows_before[:j]) * width
-        cost = best[:j] + size + pass_cost
-        over = size > token_budget
-        over[j - 1] = False  # a unit larger than the budget gets a micro-batch of its own
-        i = int(cost.masked_fill(over, float("inf")).argmin())
-        best[j], cut[j] = cost[i], i
-    micro, j = [], len(units)
+        over = size > budget
+        over[j - 1] = False  # a unit larger than the budget gets a run of its own
+        cost = (best[:j] + size + pass_cost).masked_fill(over, float("inf"))
+        i = int(cost.argmin())
+        best[j], start[j] = cost[i], i
+    runs, j = [], len(P)
     while j > 0:
-        picked = sorted(order[cut[j]:j].tolist())  # batch order inside a micro-batch
-        micro.append(torch.cat([torch.arange(*units[u]) for u in picked]))
-        j = cut[j]
-    return sorted(micro, key=lambda rows: int(rows[0]))  # in batch order, as far as the cut allows
+        runs.append((start[j], j))
+        j = start[j]
+    return runs[::-1]
