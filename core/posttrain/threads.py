@@ -233,9 +233,9 @@ def adapt(probe: bool = True) -> int:
     """Between steps, on the thread that runs torch (OpenMP's count is per calling thread): under
     ``auto``, lower the intra-op count while other programs take the cores, raise it when they
     stop (``Adaptive``). Cheap enough to call every decoded token: it reads the kernel's
-    statistics (about 60 µs) only when a decision is due. ``probe=False``: this look may lower the count or judge a probe,
-    but not start one (the middle of a rollout, whose end may be too near for the judgement).
-    Returns the count."""
+    statistics (about 60 µs) only when a decision is due. ``probe=False``: this look may lower
+    the count or judge a probe, but not start one (the middle of a rollout, whose end may be too
+    near for the judgement). Returns the count."""
     if _adaptive is not None:
         return _adaptive(probe)
     import torch
