@@ -146,7 +146,7 @@ def test_negative_top_k_is_a_config_error():
 
 @pytest.mark.slow
 def test_compiled_decode_equals_eager(model_dir, tok):
-    """rollout.compile: the static-cache, torch.compile'd decode step gives the greedy tokens of
+    """rollout.compile: the torch.compile'd decode step gives the greedy tokens of
     ``generate`` (rows leave the batch at different steps) and the trainer's log-probs to 1e-5,
     for sampling too; it did compile (no fallback to eager)."""
     model = _model(model_dir, tok, eos_scale=2.0)
