@@ -72,3 +72,30 @@ def test_a_batch_of_responses_of_every_length_is_cut_in_a_few_passes(budget):
         assert len(micro) == 1
     else:  # 1024 tokens a pass: two passes, a quarter less padding
         assert len(micro) == 2 and _padded(batch, micro) < 0.8 * one
+
+
+def test_the_cut_is_the_cheapest_of_all_cuts():
+    # Against every way of cutting 1..9 sorted units into consecutive runs, on random batches.
+    from itertools import combinations
+
+    from posttrain.batching import _cheapest_cuts
+
+    g = torch.Generator().manual_seed(1)
+    for _ in range(150):
+        n = int(torch.randint(1, 10, (1,), generator=g))
+        P = torch.randint(1, 8, (n,), generator=g).double()
+        R = torch.randint(0, 40, (n,), generator=g).double()
+        rows = torch.randint(1, 5, (n,), generator=g).double()
+        order = torch.argsort(P + R, stable=True)
+        P, R, rows = P[order], R[order], rows[order]
+        budget = float(torch.randint(20, 800, (1,), generator=g))
+
+        def cost(runs):
+            sizes = [float(rows[a:b].sum() * (P[a:b].max() + R[a:b].max())) for a, b in runs]
+            if any(s > budget and b - a > 1 for s, (a, b) in zip(sizes, runs)):
+                return float("inf")
+            return sum(sizes) + len(runs) * budget / 16
+
+        every = [list(zip((0, *mid), (*mid, n))) for k in range(n) for mid in combinations(range(1, n), k)]
+        got = _cheapest_cuts(P, R, rows, budget, pass_cost=budget / 16)
+        assert got in every and cost(got) == pytest.approx(min(cost(runs) for runs in every), abs=1e-9)

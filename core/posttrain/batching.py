@@ -178,6 +178,9 @@ def _cheapest_cuts(P: torch.Tensor, R: torch.Tensor, rows: torch.Tensor, budget:
     """Cut units sorted by length into consecutive runs [first, end): the fewest padded tokens
     (rows × (widest prompt P + longest response R) of each run) plus ``pass_cost`` per run, no run
     above ``budget`` unless it is one unit. Dynamic programming over the end of the last run."""
+    whole = rows.sum() * (P.max() + R.max())
+    if whole <= budget and whole - (rows * (P + R)).sum() <= pass_cost:
+        return [(0, len(P))]  # any cut costs at least the unpadded tokens and two passes: more
     rows_before = torch.cat([rows.new_zeros(1), rows.cumsum(0)])
     best = torch.zeros(len(P) + 1, dtype=torch.float64)  # best[j]: cheapest cut of the first j units
     start = [0] * (len(P) + 1)  # start[j]: where that cut's last run starts
