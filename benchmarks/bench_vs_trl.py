@@ -204,6 +204,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
              "rollout_frac": med(r["time/rollout_s"] / r["time/step_s"] for r in pt),
              "train_frac": med(r["time/train_s"] / r["time/step_s"] for r in pt),
              "raw_rollout_frac": med(r["rollout"] / r["step"] for r in raw),
+             # raw torch's train phase is its step minus generate: reward, advantages, fwd/bwd/AdamW
+             "train_vs_raw": med(r["time/train_s"] for r in pt) / med(r["train"] for r in raw),
              "posttrain_len": med(r["rollout/response_length"] for r in pt)}
         if tr:
             s["trl_s"], s["trl_cpu"] = med(w for w, _ in tr), med(c for _, c in tr)
@@ -222,7 +224,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
                      f"  compiled/{ref_name} wall {s['compiled_s'] / ref:.2f} CPU {s['compiled_cpu'] / ref_cpu:.2f}"
                      f"  (first rollout, compiling: {s['compile_first_rollout_s']:.1f} s)")
         line += (f"\n{'':12s} posttrain rollout {s['rollout_frac']:.0%} train {s['train_frac']:.0%} "
-                 f"(raw: rollout {s['raw_rollout_frac']:.0%})  mean response {s['posttrain_len']:.1f} tokens")
+                 f"(raw: rollout {s['raw_rollout_frac']:.0%})  train phase / raw torch's {s['train_vs_raw']:.2f}"
+                 f"  mean response {s['posttrain_len']:.1f} tokens")
         print(line, flush=True)
     return summary
 

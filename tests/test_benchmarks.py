@@ -67,10 +67,11 @@ def test_bench_vs_trl_smoke_without_trl(capsys):
     s = _load("bench_vs_trl").main(["--sizes", "tiny-8x32", "--rounds", "1", "--steps", "2", "--threads", "1", "--no-trl"])
     row = s["tiny-8x32"]
     assert "trl_s" not in row and row["posttrain_s"] > 0 and row["raw_s"] > 0
-    assert 0 < row["rollout_frac"] < 1 and 0 < row["train_frac"] < 1
+    assert 0 < row["rollout_frac"] < 1 and 0 < row["train_frac"] < 1 and row["train_vs_raw"] > 0
     assert 1 <= row["posttrain_len"] <= 32
     assert row["posttrain_cpu"] > 0 and row["raw_cpu"] > 0  # CPU seconds per step, beside the wall clock
-    assert "posttrain/raw" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "posttrain/raw" in out and f"train phase / raw torch's {row['train_vs_raw']:.2f}" in out
 
 
 # --- benchmarks/bench_async.py: its arithmetic by hand (the runs themselves are the benchmark) ---
