@@ -282,6 +282,29 @@ def test_the_worker_serves_the_pushed_weights_on_its_device(model_dir, device):
         w.close()
 
 
+def test_the_worker_decodes_compiled_when_rollout_compile_is_on(model_dir):
+    # rollout.compile reaches the worker's engine: it reports the compiled step ran, with the
+    # greedy tokens of the eager worker.
+    from posttrain.rollout import SamplingParams
+    from posttrain.types import RolloutRequest
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tok = tiny_tokenizer()
+    prompts = [tok("12+7=", add_special_tokens=False).input_ids, tok("3*4=", add_special_tokens=False).input_ids]
+    params = SamplingParams(n=2, temperature=0.0, max_new_tokens=6)
+    served = {}
+    for compile in (False, True):
+        w = RolloutWorker(model, tok, mode="pipelined", threads=1, seed=0, batch_size=8, compile=compile)
+        try:
+            w.push(model, 0)
+            _, out, _ = w.result(w.submit(prompts, [RolloutRequest(n=2)] * 2, params, min_version=0))
+            served[compile] = (w.served_compiled, [[t.response_ids for t in g] for g in out])
+        finally:
+            w.close()
+    assert served[False][0] is False and served[True][0] is True
+    assert served[True][1] == served[False][1]
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda:0", marks=[
     pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
 def test_the_worker_rng_state_round_trips_and_reads_old_checkpoints(device):

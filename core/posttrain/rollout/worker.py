@@ -101,7 +101,7 @@ class RolloutWorker:
     """The trainer's handle on the worker process (started by ``start``, stopped by ``close``)."""
 
     def __init__(self, model: Any, tokenizer: Any, *, mode: str, threads: int, seed: int, batch_size: int,
-                 device: str = "cpu"):
+                 device: str = "cpu", compile: bool = False):
         import torch.multiprocessing as mp
 
         ctx = mp.get_context("spawn")
@@ -113,13 +113,14 @@ class RolloutWorker:
         self.check = ProbeCheck(next(iter(self.buffer.values())).dtype)
         self.proc = ctx.Process(target=_main, daemon=True, name="posttrain-rollout-worker",
                                 args=(plain_config(model), tokenizer, self.buffer, self.cmd, self.res, self.lock, self.version,
-                                      mode, threads, seed, batch_size, self.probe, device))
+                                      mode, threads, seed, batch_size, self.probe, device, compile))
         self.proc.start()
         self._tickets = 0
         self._done: dict[int, tuple] = {}
         self._unacked: list[int] = []
         self.worker_busy_s = 0.0
         self.served_device: str | None = None  # where the worker's model is, as it reports after a load
+        self.served_compiled: bool | None = None  # whether its last generation ran the compiled decode step
 
     # --- weights -----------------------------------------------------------------------------
 
@@ -188,7 +189,7 @@ class RolloutWorker:
                 self._unacked.remove(version)
             self.check.served(version, got, lp)
         elif kind == "gen":
-            _, ticket, version, out, busy = msg
+            _, ticket, version, out, busy, self.served_compiled = msg
             self.worker_busy_s += busy
             self._done[ticket] = (version, out, busy)
         elif kind == "rng":
@@ -211,7 +212,8 @@ class RolloutWorker:
             self.proc = None
 
 
-def _main(config, tokenizer, buffer, cmd, res, lock, version, mode, threads, seed, batch_size, probe, device) -> None:
+def _main(config, tokenizer, buffer, cmd, res, lock, version, mode, threads, seed, batch_size, probe, device,
+          compile=False) -> None:
     """The worker process: load, generate, report, until ``stop``."""
     import multiprocessing
     import signal
@@ -232,7 +234,7 @@ def _main(config, tokenizer, buffer, cmd, res, lock, version, mode, threads, see
         params = dict(model.named_parameters())
         if set(params) != set(buffer):
             raise RuntimeError(f"weights the trainer pushes ({len(buffer)}) do not match the worker's model ({len(params)})")
-        engine = HFRolloutEngine(model, tokenizer, batch_size=batch_size)
+        engine = HFRolloutEngine(model, tokenizer, batch_size=batch_size, compile=compile)
         loaded = -1
 
         def load(v: int) -> None:
@@ -271,7 +273,7 @@ def _main(config, tokenizer, buffer, cmd, res, lock, version, mode, threads, see
                 t = time.perf_counter()
                 out = generate_requests(engine, prompts, requests, sp, eos_id=tokenizer.eos_token_id,
                                         decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
-                res.put(("gen", ticket, loaded, out, time.perf_counter() - t))
+                res.put(("gen", ticket, loaded, out, time.perf_counter() - t, engine.compile))
     except BaseException:
         res.put(("error", traceback.format_exc(limit=-3).strip().splitlines()[-1]))
 

@@ -170,7 +170,8 @@ class AsyncRollouts:
         e = self.e
         self.worker = RolloutWorker(e.backend.model, e.tokenizer, mode=self.mode, threads=worker,
                                     seed=e.cfg.trainer.seed + 7919, batch_size=e.cfg.rollout.batch_size,
-                                    device=worker_device(e.cfg.rollout.worker_device, e.device))
+                                    device=worker_device(e.cfg.rollout.worker_device, e.device),
+                                    compile=e.cfg.rollout.compile)
         if self._rng is not None:
             self.worker.set_rng(self._rng)
         m.log("async/trainer_threads", trainer, reduce="last")
