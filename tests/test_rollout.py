@@ -26,11 +26,11 @@ def tok(model_dir):
     return AutoTokenizer.from_pretrained(model_dir)
 
 
-def _model(model_dir, tok, *, scale: float = 3.0, eos_scale: float | None = None):
+def _model(model_dir, tok, *, scale: float = 3.0, eos_scale: float | None = None, attn: str = "sdpa"):
     """The tiny model with sharper logits (embeddings × scale, tied to the head). With ``eos_scale``,
     a random EOS row: greedy responses then end after 1, 10 or 24+ tokens depending on the prompt,
     so finished rows leave the decode batch at different steps."""
-    m = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    m = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attn).eval()
     torch.manual_seed(0)
     with torch.no_grad():
         m.model.embed_tokens.weight.mul_(scale)
@@ -119,10 +119,12 @@ def test_greedy_equals_generate_and_logprobs_match(model_dir, tok):
     assert sorted(set(lengths)) == [1, 10, 24]
 
 
-def test_sampled_logprobs_are_the_trainers(model_dir, tok):
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_sampled_logprobs_are_the_trainers(model_dir, tok, attn):
     """Sampled responses (T = 0.7, n = 4, ≤ 8 tokens, most ending early) report log softmax(z/T) of each
-    token, equal to the trainer's teacher-forced value to 1e-5; finished ⇔ ends with EOS."""
-    model = _model(model_dir, tok, eos_scale=2.0)
+    token, equal to the trainer's teacher-forced value to 1e-5; finished ⇔ ends with EOS. Under
+    every attention implementation: each reads its own mask format (left-padded prompts)."""
+    model = _model(model_dir, tok, eos_scale=2.0, attn=attn)
     prompts = _ids(tok, TEXTS)
     torch.manual_seed(0)
     out = HFRolloutEngine(model, tok, batch_size=16).generate(prompts, SamplingParams(n=4, temperature=0.7, max_new_tokens=8))

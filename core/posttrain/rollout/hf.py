@@ -113,8 +113,13 @@ class HFRolloutEngine:
         W, T, B = ids.shape[1], params.max_new_tokens, len(chunk)
         ids, mask = ids.to(device), mask.to(device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # what generate uses for left-padded rows
-        # The attention mask of every step, preallocated: a step's mask is a slice of it.
-        full_mask = torch.cat([mask, mask.new_ones(len(unique), T)], dim=1).bool()
+        # The attention mask of every step, preallocated: a step's mask is a slice of it. For sdpa
+        # the slice is the [B, 1, 1, kv] boolean mask it reads, which transformers takes as it is
+        # instead of building it again every token; other attention implementations read other
+        # formats (eager adds a float mask), so they get the 2-D mask and build theirs.
+        full_mask = torch.cat([mask, mask.new_ones(len(unique), T)], dim=1)
+        if _attention(self.model) == "sdpa":
+            full_mask = full_mask.bool()[:, None, None, :]
         cache = DynamicCache()
         logits = self._forward(ids, mask, pos, cache, last_only=True)  # [U, V]
         # Every sample of a prompt starts from the prompt's one prefill.
@@ -145,9 +150,7 @@ class HFRolloutEngine:
                     cache.reorder_cache(keep)
                     rows, tok, full_mask, next_pos = rows[keep], tok[keep], full_mask[keep], next_pos[keep]
                 rows = torch.where(done[keep], B, rows)
-            # The [B, 1, 1, kv] boolean mask sdpa reads, given ready-made (transformers returns a
-            # 4-D mask as it is instead of building it again every step).
-            logits = step(tok[:, None], full_mask[:, None, None, :W + t + 1], next_pos, cache)
+            logits = step(tok[:, None], full_mask[..., :W + t + 1], next_pos, cache)
             next_pos = next_pos + 1
         return zip(toks[:B].tolist(), lps[:B].tolist())
 
@@ -225,6 +228,11 @@ def _cache_kwarg_of(forward_fn) -> str:
 def _cache_kwarg(model) -> str:
     """transformers 5 names the KV-cache argument ``cache``; earlier versions ``past_key_values``."""
     return _cache_kwarg_of(type(model).forward)
+
+
+def _attention(model) -> str | None:
+    """The model's attention implementation (``sdpa``, ``eager``, ``flash_attention_2``, ...)."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None)
 
 
 def _zero3(model) -> bool:

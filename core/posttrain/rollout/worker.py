@@ -213,7 +213,7 @@ class RolloutWorker:
 
 
 def _main(config, tokenizer, buffer, cmd, res, lock, version, mode, threads, seed, batch_size, probe, device,
-          compile=False) -> None:
+          compile) -> None:
     """The worker process: load, generate, report, until ``stop``."""
     import multiprocessing
     import signal
