@@ -175,6 +175,44 @@ def test_compiled_decode_equals_eager(model_dir, tok):
     assert ends == {True, False} and engine.compile
 
 
+@pytest.mark.slow
+def test_compiled_blocks_sample_what_the_eager_loop_samples(model_dir, tok, monkeypatch):
+    """rollout.compile decodes 4 tokens per call, sampling inside the graph from noise drawn
+    outside it: with the same seed and no row leaving the batch early, its sampled tokens are
+    the eager loop's (whose sampler the chi-square test checks), and its log-probs too.
+    8 new tokens: the first from the prefill, then one block and a last block running one
+    token past the end, which is cut. Where that run-over would pass the model's position table,
+    the last tokens are decoded one at a time instead: the same tokens again."""
+    model = _model(model_dir, tok)
+    prompts = _ids(tok, TEXTS)
+    params = SamplingParams(n=4, temperature=0.9, top_p=0.95, max_new_tokens=8)
+
+    def run(engine):
+        engine.eos_id = -1  # no row ends early: eager drops rows every token, compiled every block
+        torch.manual_seed(7)
+        return [(t.response_ids, t.sampling_logprobs) for g in engine.generate(prompts, params) for t in g]
+
+    eager = run(HFRolloutEngine(model, tok, batch_size=32))
+    compiled_engine = HFRolloutEngine(model, tok, batch_size=32, compile=True)
+    compiled = run(compiled_engine)
+    assert compiled_engine.compile  # no fallback to eager
+    assert all(len(ids) == 8 for ids, _ in eager)
+    assert [ids for ids, _ in compiled] == [ids for ids, _ in eager]
+    assert len({tuple(ids) for ids, _ in eager}) > 16  # really sampled
+    for (_, a), (_, b) in zip(compiled, eager):
+        assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
+
+    width = max(len(p) for p in prompts)
+    monkeypatch.setattr(model.config, "max_position_embeddings", width + 8)  # no room for the run-over
+    calls = []
+    eager_block = compiled_engine._block
+    monkeypatch.setattr(compiled_engine, "_block", lambda *a: calls.append(a[5]) or eager_block(*a))
+    again = run(compiled_engine)
+    assert [ids for ids, _ in again] == [ids for ids, _ in compiled]
+    assert all(torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0) for (_, a), (_, b) in zip(again, compiled))
+    assert calls == [1, 1, 1]  # the compiled block for tokens 1-4, then 5, 6 and 7 one by one
+
+
 def test_compile_failure_falls_back_to_eager(model_dir, tok, monkeypatch, caplog):
     """A compile that fails (no C++ compiler, an untraceable model) costs one warning; the chunk
     is decoded eagerly, with the same greedy tokens, and compile stays off afterwards."""

@@ -82,7 +82,7 @@ class RolloutConfig:
     top_k: int = help_field(0, "Sample only among the k most likely tokens; 0 (default) is off, so tokens are drawn from softmax(z/T) (and top-p) exactly as the trainer's log-probs assume.")
     max_new_tokens: int = help_field(1024, "Response length cap (the papers use 8192).")
     batch_size: int = help_field(64, "Sequences decoded together (HF engine).")
-    compile: bool = help_field(False, "hf: decode with a torch.compile'd step. 1.3-1.7x less decode CPU time on small models (per-token Python overhead); costs a one-off compilation of 5-60 s per process (cached on disk after). Falls back to eager decoding, with one warning, where compilation fails.")
+    compile: bool = help_field(False, "hf: decode through torch.compile, 4 tokens per call. 1.2-2.8x less decode time on small CPU models (per-token Python overhead); costs a one-off compilation of 15-70 s per process and sampling setting (cached on disk after). Falls back to eager decoding, with one warning, where compilation fails.")
     is_cap: Optional[float] = help_field(None, "Truncated importance sampling (any algorithm): weight each sampled token's policy-gradient term by min(π_old/π_sampling, is_cap), detached, correcting the probability mismatch between the rollout engine (vLLM kernels) and the trainer. None disables; 2.0 is the usual cap (Yao et al. 2025, verl's TIS).")
     tensor_parallel_size: int = help_field(1, "vllm: GPUs one vLLM engine spans (tensor parallel); must divide the number of processes.")
     gpu_memory_utilization: float = help_field(0.5, "vllm: fraction of each GPU vLLM may take (weights + KV cache); the trainer shares the GPU.")

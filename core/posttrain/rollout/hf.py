@@ -12,14 +12,15 @@ says:
 * the log-prob of each sampled token, log softmax(z / T)[token], is computed from the same
   logits, without keeping a [B, T, V] stack of them.
 
-With ``rollout.compile`` the decode step runs through ``torch.compile``: one graph with dynamic
-batch size and cache length over the same growing ``DynamicCache``, so rows still leave the
-batch and attention still covers only the tokens written so far (a ``StaticCache`` attends over
-its whole length: on a CPU that made the compiled step slower than the eager one at 64 × 128).
-It removes most of the per-token Python overhead of transformers' forward (small models, CPU:
-0.20 → 0.14 s of decode at 64 × 128) after a one-off compilation of seconds to tens of seconds
-(cached on disk by torch afterwards); any failure to compile logs one warning and the engine
-decodes eagerly from then on.
+With ``rollout.compile`` the decode runs through ``torch.compile``, ``BLOCK`` tokens per call
+(forward, sample, feed back, four times: one graph), with dynamic batch size and cache length
+over the same growing ``DynamicCache``, so rows still leave the batch (between blocks) and
+attention still covers only the tokens written so far (a ``StaticCache`` attends over its whole
+length: on a CPU that made the compiled step slower than the eager one at 64 × 128). It removes
+most of the per-token Python overhead of transformers' forward after a one-off compilation of
+tens of seconds (cached on disk by torch afterwards); any failure to compile logs one warning and
+the engine decodes eagerly from then on. The random draws are made outside the graph, from
+torch's generator, so the seed decides them in both modes.
 
 Under ZeRO-3 every rank must join every forward until all have finished, which transformers'
 ``generate`` arranges (synced_gpus); there the engine uses ``generate`` with the same sampling
@@ -42,6 +43,12 @@ from ..types import Trajectory
 from .base import SamplingParams
 
 log = logging.getLogger(__name__)
+
+# Tokens per compiled decode call. Each call of a compiled graph pays ~0.3 ms on a CPU (guards,
+# the wrapper's Python) whatever it computes, as much as a small model's whole step: four tokens
+# per call cut the decode of the tiny model at 16 × 64 from 0.61 to 0.39 ms a token (eight: 0.34,
+# but twice the compilation time). A row that ends inside a block decodes to the block's end.
+BLOCK = 4
 
 
 class HFRolloutEngine:
@@ -111,13 +118,15 @@ class HFRolloutEngine:
         unique = sorted(set(chunk))
         ids, mask = self._left_pad([prompts[i] for i in unique])
         W, T, B = ids.shape[1], params.max_new_tokens, len(chunk)
+        k = BLOCK if compiled else 1  # tokens per decode call
         ids, mask = ids.to(device), mask.to(device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # what generate uses for left-padded rows
-        # The attention mask of every step, preallocated: a step's mask is a slice of it. For sdpa
-        # the slice is the [B, 1, 1, kv] boolean mask it reads, which transformers takes as it is
-        # instead of building it again every token; other attention implementations read other
-        # formats (eager adds a float mask), so they get the 2-D mask and build theirs.
-        full_mask = torch.cat([mask, mask.new_ones(len(unique), T)], dim=1)
+        # The attention mask of every step, preallocated (k - 1 columns beyond T for a last block
+        # that runs past T): a step's mask is a slice of it. For sdpa the slice is the
+        # [B, 1, 1, kv] boolean mask it reads, which transformers takes as it is instead of
+        # building it again every token; other attention implementations read other formats
+        # (eager adds a float mask), so they get the 2-D mask and build theirs.
+        full_mask = torch.cat([mask, mask.new_ones(len(unique), T + k - 1)], dim=1)
         if _attention(self.model) == "sdpa":
             full_mask = full_mask.bool()[:, None, None, :]
         cache = DynamicCache()
@@ -125,43 +134,60 @@ class HFRolloutEngine:
         # Every sample of a prompt starts from the prompt's one prefill.
         expand = torch.tensor([unique.index(i) for i in chunk], device=device)
         cache.reorder_cache(expand)
-        logits, full_mask, next_pos = logits[expand], full_mask[expand], pos[expand, -1:] + 1
-        step = self._compiled_step() if compiled else self._step
+        full_mask, next_pos = full_mask[expand], pos[expand, -1:] + 1
+        tok, lp = sample(logits[expand], params, _noise(params, (B, logits.shape[-1]), device))
+        step = self._compiled_block() if compiled else self._block
+        # Tokens past T (a last block running over) are decoded, then cut; past the model's
+        # position table (learned positions) they could not be: there the rest goes token by token.
+        limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        room = limit is None or W + T + k - 1 <= limit
 
-        # Row B of the outputs is a sink for rows kept in the batch after they finished.
-        toks = torch.full((B + 1, T), self.pad_id, dtype=torch.long, device=device)
-        lps = torch.zeros((B + 1, T), dtype=torch.float32, device=device)
+        toks = torch.full((B, T + k - 1), self.pad_id, dtype=torch.long, device=device)
+        lps = torch.zeros((B, T + k - 1), dtype=torch.float32, device=device)
+        toks[:, 0], lps[:, 0] = tok, lp
         rows = torch.arange(B, device=device)  # which sequence each row of the decode batch is
+        finished = tok == self.eos_id  # a finished row kept in the batch writes past its EOS, which is cut
+        tok = tok[:, None]
         min_rows = 2 if compiled else 1  # a batch of 1 would make the compiled step specialise and recompile
-        for t in range(T):
-            threads.adapt(probe=t == 0)  # a long rollout gives its threads up to a neighbour without waiting for the step's end
-            tok, lp = sample(logits, params)
-            toks[rows, t], lps[rows, t] = tok, lp
-            if t == T - 1:
-                break
-            done = (tok == self.eos_id) | (rows == B)
-            if bool(done.any()):  # finished sequences leave the batch, and their cache rows with them
-                keep = (~done).nonzero().squeeze(1)
+        t = 1  # tokens written
+        while t < T:
+            threads.adapt(probe=t == 1)  # a long rollout gives its threads up to a neighbour without waiting for the step's end
+            if bool(finished.any()):  # finished sequences leave the batch, and their cache rows with them
+                keep = (~finished).nonzero().squeeze(1)
                 if keep.numel() == 0:
                     break
                 if keep.numel() < min_rows:
-                    keep = torch.cat([keep, done.nonzero()[:1, 0]]).sort().values
+                    keep = torch.cat([keep, finished.nonzero()[:min_rows - keep.numel(), 0]]).sort().values
                 if keep.numel() < rows.numel():
                     cache.reorder_cache(keep)
-                    rows, tok, full_mask, next_pos = rows[keep], tok[keep], full_mask[keep], next_pos[keep]
-                rows = torch.where(done[keep], B, rows)
-            logits = step(tok[:, None], full_mask[..., :W + t + 1], next_pos, cache)
-            next_pos = next_pos + 1
-        return zip(toks[:B].tolist(), lps[:B].tolist())
+                    rows, tok, full_mask, next_pos, finished = (
+                        rows[keep], tok[keep], full_mask[keep], next_pos[keep], finished[keep])
+            n, fn = (k, step) if t + k <= T or room else (1, self._block)
+            new, lp = fn(tok, full_mask[..., :W + t + n - 1], next_pos, cache, params, n,
+                         _noise(params, (n, len(rows), logits.shape[-1]), device))
+            toks[rows, t:t + n], lps[rows, t:t + n] = new, lp
+            finished |= (new == self.eos_id).any(1)
+            tok, next_pos, t = new[:, -1:], next_pos + n, t + n
+        return zip(toks[:, :T].tolist(), lps[:, :T].tolist())
 
-    def _step(self, ids, mask, pos, cache) -> torch.Tensor:
-        return self._forward(ids, mask, pos, cache)
+    def _block(self, tok, mask, pos, cache, params, n: int, noise) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed ``tok`` [b, 1] at positions ``pos`` [b, 1] and sample n tokens, each fed back in:
+        (tokens [b, n], their log-probs [b, n]). ``mask`` ends with the n - 1 columns of the tokens
+        fed after ``tok``; ``noise`` [n, b, V] is ``sample``'s (None: greedy)."""
+        toks, lps = [], []
+        for j in range(n):
+            logits = self._forward(tok, mask[..., :mask.shape[-1] - (n - 1 - j)], pos + j, cache)
+            tok, lp = sample(logits, params, None if noise is None else noise[j])
+            toks.append(tok)
+            lps.append(lp)
+            tok = tok[:, None]
+        return torch.stack(toks, 1), torch.stack(lps, 1)
 
-    def _compiled_step(self):
+    def _compiled_block(self):
         if self._compiled is None:
             # dynamic: one graph for every batch size and cache length (rows leave the batch, the
             # cache grows, prompt widths change); the first chunk pays the compilation.
-            self._compiled = torch.compile(self._step, fullgraph=True, dynamic=True)
+            self._compiled = torch.compile(self._block, fullgraph=True, dynamic=True)
         return self._compiled
 
     def _forward(self, ids, mask, pos, cache, last_only: bool = False) -> torch.Tensor:
@@ -197,13 +223,24 @@ class HFRolloutEngine:
         return zip(seq.tolist(), logp.tolist())
 
 
-def sample(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+def _noise(params: SamplingParams, shape: tuple[int, ...], device) -> torch.Tensor | None:
+    """Exp(1) draws for ``sample`` (None when greedy): -log U with U ~ uniform [0, 1) from torch's
+    generator, drawn outside any compiled graph so that the seed decides them either way."""
+    return None if params.temperature <= 0 else -torch.rand(shape, device=device).log_()
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row of [B, V] ``logits``; return (tokens [B], log softmax(z/T)[token] [B]).
 
     Greedy (temperature 0) takes the argmax and reports log softmax(z). Otherwise the token is
     drawn from softmax(z/T) restricted to the top-k (``params.top_k`` > 0) and the top-p
     nucleus (``params.top_p`` < 1), renormalised; the reported log-prob is that of the full
     softmax(z/T), which is what the trainer recomputes (equal to it when top-p = 1, top-k = 0).
+
+    The draw is an exponential race, argmax p_i / E_i with ``noise`` E [B, V] ~ Exp(1) i.i.d.,
+    which picks i with probability exactly p_i (the smallest of independent exponentials
+    E_i / p_i is the i-th with probability p_i / Σp); vLLM samples the same way. It is a third of
+    ``torch.multinomial``'s time at a small batch and traces into a compiled graph.
     """
     greedy = params.temperature <= 0
     z = logits.float() / (1.0 if greedy else params.temperature)
@@ -216,7 +253,7 @@ def sample(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, 
             w = TopKLogitsWarper(top_k=params.top_k)(None, w)
         if params.top_p < 1.0:
             w = TopPLogitsWarper(top_p=params.top_p)(None, w)
-        tok = torch.multinomial(torch.softmax(w, dim=-1), 1).squeeze(1)
+        tok = (torch.softmax(w, dim=-1) / noise).argmax(-1)
     return tok, logp.gather(-1, tok[:, None]).squeeze(1)
 
 

@@ -279,8 +279,8 @@ def _main(config, tokenizer, buffer, cmd, res, lock, version, mode, threads, see
 
 
 def _rng_state(device: str) -> dict[str, torch.Tensor]:
-    """What draws the worker's tokens: the CPU generator, and on a GPU that GPU's (torch.multinomial
-    on CUDA logits uses it), so a resumed GPU run continues the same stream."""
+    """What draws the worker's tokens: the CPU generator, and on a GPU that GPU's (the sampling
+    noise is drawn on the logits' device), so a resumed GPU run continues the same stream."""
     state = {"cpu": torch.get_rng_state()}
     if torch.device(device).type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
