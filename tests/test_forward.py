@@ -101,3 +101,34 @@ def test_entropy_stat_beside_a_distribution_loss(model_dir):
     torch.testing.assert_close(both.entropy, plain.entropy.detach())
     assert both.distribution_loss.shape == both.entropy.shape == batch.response_ids.shape
     assert float(both.distribution_loss.abs().max()) > 1e-3  # a real loss: the reference differs
+
+
+def test_chunks_are_checkpointed_only_when_their_logits_would_be_large(model_dir, monkeypatch):
+    """Backward recomputes a chunk's logits only where keeping them would cost memory: the tiny
+    model's [N, L, 100] float32 logits (a few kB) are kept; with the threshold below them every
+    chunk is checkpointed. The loss and every gradient are the same either way."""
+    from posttrain.train import forward
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    batch = tiny_rl_sft_batch()
+    chunks = -(-batch.response_ids.shape[1] // 4)
+    hook, algo, needs = _grpo(0.0)
+    checkpointed = []
+    real = F._checkpoint
+    monkeypatch.setattr(F, "_checkpoint", lambda *a, **kw: checkpointed.append(1) or real(*a, **kw))
+
+    def loss_and_grads():
+        model.zero_grad()
+        terms, _ = micro_batch_loss(hook, algo, 0, model, batch, Metrics(), needs=needs, chunk=4)
+        loss = sum(t.value for t in terms)
+        loss.backward()
+        return float(loss.detach()), [p.grad.clone() for p in model.parameters()]
+
+    kept = loss_and_grads()
+    assert checkpointed == []
+    monkeypatch.setattr(forward, "CHECKPOINT_ABOVE_BYTES", 0)
+    recomputed = loss_and_grads()
+    assert len(checkpointed) == chunks >= 2
+    assert kept[0] == pytest.approx(recomputed[0], rel=1e-6)
+    for a, b in zip(kept[1], recomputed[1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
