@@ -21,8 +21,8 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplie
 
 # Chunks are checkpointed (backward computes their logits again) only when the float32 logits of
 # the whole micro-batch would take more than this: a real vocabulary (150k) passes it from ~110
-# tokens, where keeping them would cost gigabytes; below it the recomputation costs time for
-# nothing (at a 100-token vocabulary, 1.2 of a GRPO micro-batch's 23 ms on a CPU).
+# tokens, and a micro-batch of 16k tokens would keep 10 GB of them; below it the recomputation
+# costs time for nothing (at a 100-token vocabulary, 1.2 of a GRPO micro-batch's 23 ms on a CPU).
 CHECKPOINT_ABOVE_BYTES = 64 * 2**20
 
 
