@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from posttrain.batching import build_train_batch, micro_batch_rows
+from posttrain.batching import build_train_batch, charge_per_pass, micro_batch_rows
 from posttrain.testing import sized_group, tiny_tokenizer
 from posttrain.types import Route
 
@@ -72,6 +72,28 @@ def test_a_batch_of_responses_of_every_length_is_cut_in_a_few_passes(budget):
         assert len(micro) == 1
     else:  # 1024 tokens a pass: two passes, a quarter less padding
         assert len(micro) == 2 and _padded(batch, micro) < 0.8 * one
+
+
+def test_a_pass_is_charged_by_the_device_and_the_model():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    tiny = torch.nn.Linear(400, 200, bias=False)  # 80k parameters, as the tiny Llama
+    big = torch.nn.Linear(13_500, 10_000, bias=False, device="meta")  # 135M, as SmolLM2-135M
+    assert charge_per_pass(16384, gpu, tiny) == charge_per_pass(16384, gpu, big) == 1024  # accelerators: budget / 16
+    assert charge_per_pass(16384, cpu, tiny) == pytest.approx(28 + 2.5e8 / 480_000)  # 549 tokens: its Python dominates
+    assert charge_per_pass(16384, cpu, big) == pytest.approx(28.3, abs=0.01)  # its arithmetic dominates
+
+
+def test_a_cpu_charge_cuts_where_the_accelerator_charge_does_not():
+    # 16 GRPO rows (4 prompts × 4) of 20..64 response tokens, prompts of 4: one pass is
+    # 16 × 68 = 1088 padded tokens. Charged 1024 a pass nothing is worth a cut; charged 62
+    # (hidden 256 on a CPU) passes by length save more padding than the passes cost.
+    lens = [64, 20, 40, 61, 22, 58, 35, 64, 30, 47, 25, 62, 59, 21, 44, 38]
+    batch = _batch([lens[i:i + 4] for i in range(0, 16, 4)])
+    assert len(micro_batch_rows(batch, token_budget=16384, pass_cost=1024)) == 1
+    micro = micro_batch_rows(batch, token_budget=16384, pass_cost=62)
+    assert len(micro) > 1 and sorted(torch.cat(micro).tolist()) == list(range(16))
+    assert _padded(batch, micro) + 62 * len(micro) < 1088 + 62
+    assert all(int(batch.response_mask[r].sum(-1).max() - batch.response_mask[r].sum(-1).min()) < 44 for r in micro)
 
 
 def test_the_cut_is_the_cheapest_of_all_cuts():

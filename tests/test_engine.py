@@ -111,9 +111,10 @@ def test_length_sorted_micro_batches_do_not_change_the_update(model_dir, tmp_pat
     # micro-batches of similar length, not in batch order; the update must be that of one pass.
     import posttrain.engine as engine
 
-    splits = []
+    splits, charges = [], set()
 
     def recorded(*args, **kw):
+        charges.add(kw["pass_cost"])
         splits.append([r.tolist() for r in micro_batch_rows(*args, **kw)])
         return [torch.tensor(r) for r in splits[-1]]
 
@@ -127,6 +128,8 @@ def test_length_sorted_micro_batches_do_not_change_the_update(model_dir, tmp_pat
     monkeypatch.setattr(engine, "micro_batch_rows", recorded)
     (pa, ma) = run("one", 100_000)
     assert {str(s) for s in splits} == {str([list(range(16))])}
+    params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters())
+    assert list(charges) == [pytest.approx(28 + 2.5e8 / (6 * params))]  # a CPU pass, charged by the model's size
     splits.clear()
     (pb, mb) = run("sorted", 160)
     cut = splits[-1]  # the update's

@@ -141,14 +141,42 @@ def minibatches(batch: TrainBatch, prompts_per_minibatch: int | None) -> list[Tr
     return out
 
 
-def micro_batch_rows(batch: TrainBatch, token_budget: int, whole_groups: bool = False) -> list[torch.Tensor]:
+# What one more forward/backward pass costs on a CPU beyond its tokens' arithmetic. Timed on one
+# core: ~28 tokens' worth of that arithmetic (passes of 8 to 1184 tokens, Llamas of hidden
+# 64-768: small matrix products run below the core's peak), plus ~3.5 ms of Python a training
+# pass (module calls, hooks, loss terms, metrics: a GRPO batch split into 1-8 passes of equal
+# width), which at ~70 GFLOP/s is 2.5e8 FLOPs. In tokens: ~550 for a Llama of hidden 64, ~60 at
+# hidden 256, 28 for a 135M model.
+CPU_PASS_TOKENS = 28
+CPU_PASS_FLOPS = 2.5e8
+
+
+def charge_per_pass(token_budget: int, device: torch.device, model: torch.nn.Module) -> float:
+    """The charge per micro-batch ``micro_batch_rows`` weighs padding against, in tokens.
+
+    An accelerator needs thousands of tokens in a pass to be busy (``token_budget / 16``: 1024
+    at the default budget). On a CPU a pass costs a few dozen tokens' worth of arithmetic plus
+    its Python, counted in tokens of ``model`` (6 FLOPs a parameter a token, forward and
+    backward): the smaller the model, the more tokens its Python is worth.
+    It depends on the device type and the model only, never on timings, so a resumed run cuts
+    its batches as before.
+    """
+    if device.type != "cpu":
+        return token_budget / 16
+    params = sum(p.numel() for p in model.parameters())
+    return CPU_PASS_TOKENS + CPU_PASS_FLOPS / (6 * params)
+
+
+def micro_batch_rows(batch: TrainBatch, token_budget: int, whole_groups: bool = False,
+                     pass_cost: float | None = None) -> list[torch.Tensor]:
     """Row indices of each micro-batch: rows of similar length together, each within the budget.
 
     Rows are ordered by length and cut into micro-batches whose padded size (rows × (longest
     prompt + longest response), the shape ``trim_padding`` leaves) stays within
-    ``token_budget``. Of all such cuts, the one with the fewest padded tokens plus
-    ``token_budget / 16`` for each micro-batch is taken: a pass has a fixed cost (module calls,
-    kernel launches), so a batch is only cut where that saves more padding than the pass costs.
+    ``token_budget``. Of all such cuts, the one with the fewest padded tokens plus ``pass_cost``
+    for each micro-batch is taken (default ``token_budget / 16``, see ``charge_per_pass``): a pass
+    has a fixed cost (module calls, kernel launches, small matrix products running below peak),
+    so a batch is only cut where that saves more padding than the pass costs.
     On a 64 × 128 GRPO step of the tiny model, where responses end anywhere, this took the train
     phase from 0.23 s to 0.15 s (benchmarks/bench_vs_trl.py): the padding was 40 % of the batch.
     Rows keep their batch order inside a micro-batch and micro-batches are in the order of their
@@ -168,7 +196,8 @@ def micro_batch_rows(batch: TrainBatch, token_budget: int, whole_groups: bool = 
     rows = torch.tensor([float(b - a) for a, b in units], dtype=torch.float64)
     order = torch.argsort(P + R, stable=True)
     micro = []
-    for first, end in _cheapest_cuts(P[order], R[order], rows[order], token_budget, pass_cost=token_budget / 16):
+    charge = token_budget / 16 if pass_cost is None else pass_cost
+    for first, end in _cheapest_cuts(P[order], R[order], rows[order], token_budget, pass_cost=charge):
         picked = sorted(order[first:end].tolist())  # batch order inside a micro-batch
         micro.append(torch.cat([torch.arange(*units[u]) for u in picked]))
     return sorted(micro, key=lambda r: int(r[0]))  # in batch order, as far as the cut allows

@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
 from . import guards, interrupt, stage_state, threads
-from .batching import build_train_batch, micro_batch_rows, minibatches, totals_of, trim_padding
+from .batching import build_train_batch, charge_per_pass, micro_batch_rows, minibatches, totals_of, trim_padding
 from .config import RunConfig
 from .data import PromptSampler, load_examples, render_prompt
 from .eval.heldout import evaluate_in_training
@@ -63,6 +63,7 @@ class Engine:
         resume_from = ckpt.latest_checkpoint(self.run_dir) if config.resume == "auto" else None
         self.model, self.reference = build_models(config, device=self.device, resume_from=resume_from,
                                                   needs_reference=self.needs.reference or self.needs.reference_vocab)
+        self._pass_cost = charge_per_pass(config.trainer.micro_batch_tokens, self.device, self.model)  # for micro_batch_rows
         self.guard = guards.NonFiniteGuard(config.trainer.max_skipped_steps, self.model, str(resume_from or config.model.path))
 
         self.updates_per_step = self._updates_per_rollout_step()
@@ -269,7 +270,7 @@ class Engine:
         this time). Totals are summed over ranks, so each rank's terms are its share of the
         mini-batch loss; a rank with fewer micro-batches runs zero-loss passes (``lockstep``).
         """
-        rows = micro_batch_rows(mb, self.cfg.trainer.micro_batch_tokens, self.needs.whole_groups) if mb is not None else []
+        rows = micro_batch_rows(mb, self.cfg.trainer.micro_batch_tokens, self.needs.whole_groups, pass_cost=self._pass_cost) if mb is not None else []
         n_micro = dist_utils.max_int(len(rows))
         totals = dist_utils.sum_dataclass(totals_of(mb, self.max_len, len(rows)) if mb is not None
                                             else Totals(max_len=self.max_len, micro_batches=0))
@@ -354,7 +355,7 @@ class Engine:
 
     def _fill_logprobs(self, batch: TrainBatch | None) -> TrainBatch | None:
         """π_old is needed when one rollout feeds several updates; π_ref when asked for."""
-        rows = micro_batch_rows(batch, self.cfg.trainer.micro_batch_tokens, self.needs.whole_groups) if batch is not None else []
+        rows = micro_batch_rows(batch, self.cfg.trainer.micro_batch_tokens, self.needs.whole_groups, pass_cost=self._pass_cost) if batch is not None else []
         n = dist_utils.max_int(len(rows))
         T, chunk = self.cfg.rollout.temperature, self.cfg.trainer.logprob_chunk
         for wanted, model, field in ((self.updates_per_step > 1 or self.async_rollouts is not None, self.backend.model, "old_logprobs"),  # async: π_old ≠ π_sampling
