@@ -4,6 +4,7 @@ test run closes it, also on failure (Engine.run's finally), and a leftover would
 ``test_no_worker_process_is_left_behind``."""
 
 import multiprocessing
+import os
 
 import pytest
 import torch
@@ -73,7 +74,13 @@ class Recorder:
      "rollout.sync_every: 2 needs rollout.async_mode=free"),
     ({"rollout.max_staleness": 1, "rollout.is_cap": 2.0, "rollout.sync_every": 2, "rollout.async_mode": "free"},
      "sync_every <= max_staleness (1)"),
-    ({"rollout.max_staleness": 1, "rollout.is_cap": 2.0, "rollout.engine": "vllm"}, "implemented for rollout.engine=hf only"),
+    ({"rollout.max_staleness": 1, "rollout.is_cap": 2.0, "rollout.engine": "vllm", "trainer.device": "cpu"},
+     "rollout.engine: vllm with rollout.max_staleness: 1 runs vLLM in the rollout worker, which needs a GPU, and "
+     "rollout.worker_device: auto puts the worker on the CPU here: set rollout.worker_device=cuda:N, or rollout.engine=hf."),
+    ({"rollout.max_staleness": 1, "rollout.is_cap": 2.0, "rollout.engine": "vllm", "rollout.worker_device": "cpu"},
+     "rollout.worker_device: cpu puts the worker on the CPU here"),
+    ({"rollout.max_staleness": 1, "rollout.is_cap": 2.0, "rollout.engine": "vllm", "rollout.tensor_parallel_size": 2},
+     "the asynchronous rollout worker runs one vLLM engine on one GPU: set rollout.tensor_parallel_size=1."),
     ({"rollout.worker_threads": "0"}, "rollout.worker_threads: '0' is not auto or a positive integer"),
     ({"rollout.worker_device": "gpu"}, "rollout.worker_device: 'gpu' is not auto | cpu | cuda | cuda:N."),
     ({"rollout.max_staleness": 1, "rollout.is_cap": 2.0, "rollout.worker_device": "cuda:64"},
@@ -83,6 +90,27 @@ def test_async_config_mistakes_get_one_line(model_dir, tmp_path, over, message):
     with pytest.raises(ConfigError) as e:
         resolve(load_config(tiny_config(model_dir, tmp_path, overrides=over), base=None))
     assert any(message in p for p in e.value.problems), e.value.problems
+
+
+def test_async_vllm_is_for_the_worker_and_the_trainer_keeps_hf():
+    from types import SimpleNamespace as NS
+
+    from posttrain.train.async_loop import trainer_engine
+
+    assert trainer_engine(NS(max_staleness=1, engine="vllm")) == "hf"  # vLLM runs in the worker, once
+    assert trainer_engine(NS(max_staleness=0, engine="vllm")) == "vllm"  # synchronous: in the trainer
+    assert trainer_engine(NS(max_staleness=2, engine="hf")) == "hf"
+
+
+def test_the_vllm_worker_sees_only_its_gpu(monkeypatch):
+    from posttrain.rollout.worker import _only_gpu
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert _only_gpu("cuda:1") == "cuda:0" and os.environ["CUDA_VISIBLE_DEVICES"] == "5"  # the trainer's cuda:1
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert _only_gpu("cuda:2") == "cuda:0" and os.environ["CUDA_VISIBLE_DEVICES"] == "2"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert _only_gpu("cuda") == "cuda:0" and os.environ["CUDA_VISIBLE_DEVICES"] == "0"
 
 
 def test_async_defaults_are_the_synchronous_loop(model_dir, tmp_path):
@@ -327,7 +355,6 @@ def test_no_worker_process_is_left_behind():
 
 def test_the_worker_does_not_outlive_a_killed_trainer(model_dir, tmp_path):
     # The trainer is SIGKILLed (no finally runs): its worker notices and exits by itself.
-    import os
     import signal
     import subprocess
     import sys

@@ -87,7 +87,7 @@ class RolloutConfig:
     tensor_parallel_size: int = help_field(1, "vllm: GPUs one vLLM engine spans (tensor parallel); must divide the number of processes.")
     gpu_memory_utilization: float = help_field(0.5, "vllm: fraction of each GPU vLLM may take (weights + KV cache); the trainer shares the GPU.")
     sleep_level: int = help_field(1, "vllm: while the trainer steps, 0 keeps vLLM resident, 1 offloads its weights to CPU and frees the KV cache, 2 also discards the weights (they are pushed again after every step).")
-    max_staleness: int = help_field(0, "Asynchronous RL: rollouts for the next k rollout steps are sampled (in a worker process with its own copy of the weights) while the current step trains, and no step trains on a trajectory more than k policy versions old. 0 (default): the synchronous loop. k >= 1 needs an importance-sampling correction (rollout.is_cap or rollout.is_mask) and the hf engine (README \"Asynchronous RL\").")
+    max_staleness: int = help_field(0, "Asynchronous RL: rollouts for the next k rollout steps are sampled (in a worker process with its own copy of the weights) while the current step trains, and no step trains on a trajectory more than k policy versions old. 0 (default): the synchronous loop. k >= 1 needs an importance-sampling correction (rollout.is_cap or rollout.is_mask); with engine vllm the worker hosts vLLM on a GPU (rollout.worker_device) and the trainer keeps the hf engine for what it samples itself (README \"Asynchronous RL\").")
     async_mode: str = help_field("pipelined", "With max_staleness k >= 1: pipelined (step t trains on rollouts sampled by exactly version t-k; a seeded CPU run is reproducible bit for bit) | free (the worker samples with the newest weights pushed to it, at most k versions old; timing-dependent, nothing is discarded).")
     sync_every: int = help_field(1, "Async: push the trainer's weights to the rollout worker every this many rollout steps (free mode only; at most max_staleness, so the bound can hold). Every push is verified (version stamp + probe log-probs).")
     is_mask: Optional[list] = help_field(None, "Masked importance sampling (any algorithm): [low, high]; sampled tokens whose weight π_old/π_sampling lies outside the band are left out of the loss (counted as train/is_masked). Combines with is_cap. None disables; e.g. [0.5, 2.0].")
@@ -331,7 +331,7 @@ def _check_core_values(c: RunConfig) -> list[str]:
         p.append("trainer.offload_params: needs trainer.zero_stage=3.")
     if c.rollout.is_cap is not None and c.rollout.is_cap <= 0:
         p.append(f"rollout.is_cap: must be > 0 (or null to disable), got {c.rollout.is_cap}.")
-    p += _check_async(c.rollout)
+    p += _check_async(c.rollout, c.trainer.device)
     if c.rollout.tensor_parallel_size < 1:
         p.append(f"rollout.tensor_parallel_size: must be >= 1, got {c.rollout.tensor_parallel_size}.")
     if not 0 < c.rollout.gpu_memory_utilization <= 1:
@@ -404,7 +404,15 @@ def _check_ranges(c: RunConfig) -> list[str]:
     return p
 
 
-def _check_async(r: RolloutConfig) -> list[str]:
+def _worker_on_gpu(worker_device: str, trainer_device: str) -> bool:
+    if worker_device == "auto":  # the trainer's device
+        import torch
+
+        return trainer_device.startswith("cuda") or (trainer_device == "auto" and torch.cuda.is_available())
+    return worker_device.startswith("cuda")
+
+
+def _check_async(r: RolloutConfig, trainer_device: str) -> list[str]:
     """The asynchronous-RL fields (rollout.max_staleness and friends), one line each."""
     p = []
     band = list(r.is_mask) if r.is_mask is not None else None
@@ -434,9 +442,13 @@ def _check_async(r: RolloutConfig) -> list[str]:
     if r.is_cap is None and r.is_mask is None:
         p.append(f"rollout.max_staleness: {r.max_staleness} trains on rollouts of older policies, which needs importance "
                  "sampling: set rollout.is_cap (e.g. 2.0) or rollout.is_mask (e.g. [0.5, 2.0]).")
-    if r.engine != "hf":
-        p.append(f"rollout.max_staleness: {r.max_staleness} runs the rollout engine in a worker process, implemented for "
-                 f"rollout.engine=hf only (got '{r.engine}'); set rollout.max_staleness=0 for vllm.")
+    if r.engine == "vllm" and r.tensor_parallel_size > 1:
+        p.append(f"rollout.tensor_parallel_size: {r.tensor_parallel_size} with rollout.max_staleness: {r.max_staleness}; the "
+                 "asynchronous rollout worker runs one vLLM engine on one GPU: set rollout.tensor_parallel_size=1.")
+    if r.engine == "vllm" and not _worker_on_gpu(r.worker_device, trainer_device):
+        p.append(f"rollout.engine: vllm with rollout.max_staleness: {r.max_staleness} runs vLLM in the rollout worker, which "
+                 f"needs a GPU, and rollout.worker_device: {r.worker_device} puts the worker on the CPU here: set "
+                 "rollout.worker_device=cuda:N, or rollout.engine=hf.")
     if r.sync_every > 1 and (r.async_mode != "free" or r.sync_every > r.max_staleness):
         p.append(f"rollout.sync_every: {r.sync_every} needs rollout.async_mode=free and sync_every <= max_staleness "
                  f"({r.max_staleness}); pipelined mode pushes the weights after every rollout step.")

@@ -76,7 +76,7 @@ class Engine:
         self.rollout = self.async_rollouts = None
         if self.needs.rollouts:
             engines = build_registry(pm, "register_rollout_engines")
-            self.rollout = pick(engines, config.rollout.engine, "rollout.engine")(self.model, self.tokenizer, config.rollout)
+            self.rollout = pick(engines, async_loop.trainer_engine(config.rollout), "rollout.engine")(self.model, self.tokenizer, config.rollout)
         self.async_rollouts = async_loop.AsyncRollouts(self) if self.rollout is not None and config.rollout.max_staleness else None  # sampled ahead, in a worker
         verifiers = build_registry(pm, "register_verifiers")
         self.verifier_factory = pick(verifiers, config.verifier.name, "verifier.name")

@@ -11,6 +11,10 @@ process and the same ``torch.distributed`` world (vLLM's ``external_launcher`` b
   through a checkpoint on disk;
 * log-probs are vLLM's *processed* log-probs of the sampled tokens: log softmax(z / T), the
   distribution it actually sampled from (with top-p < 1, renormalised over the nucleus).
+
+Asynchronous RL (``rollout.max_staleness`` ≥ 1) runs vLLM in the rollout worker process instead
+(``VLLMWorkerEngine``, driven by ``worker.py``): one engine on the worker's GPU, awake throughout,
+loaded from the shared-memory weights the trainer pushes.
 """
 
 from __future__ import annotations
@@ -105,20 +109,10 @@ class VLLMRolloutEngine:
         self._stale = False
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, *, progress: bool = False) -> list[list[Trajectory]]:
-        from vllm import SamplingParams as VSamplingParams
-        from vllm.inputs import TokensPrompt
-
         if self._stale:
             self.sync_weights(self.model)
         self._wake("weights")
         self._wake("kv_cache")
-        greedy = params.temperature <= 0
-        # Explicit top-k: -1 is "off" in every vLLM version (0 only in recent ones); explicit
-        # params also keep the model's generation_config.json defaults (often a top-k) out.
-        sp = VSamplingParams(n=params.n, temperature=0.0 if greedy else params.temperature,
-                             top_p=1.0 if greedy else params.top_p,
-                             top_k=params.top_k if params.top_k > 0 and not greedy else -1,
-                             max_tokens=params.max_new_tokens, logprobs=0)  # 0: the sampled token's only
         mine = len(prompts)
         if self.tp_group is not None:  # every rank of a TP engine must submit the same requests
             parts: list[Any] = [None] * self.tp
@@ -127,15 +121,66 @@ class VLLMRolloutEngine:
             prompts = [p for part in parts for p in part]
         else:
             offset = 0
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sp, use_tqdm=progress)
+        outputs = _generate(self.llm, self.tokenizer, prompts, params, progress)
         self._sleep()
-        return [[self._trajectory(o) for o in req.outputs] for req in outputs[offset:offset + mine]]
+        return outputs[offset:offset + mine]
 
-    def _trajectory(self, out: Any) -> Trajectory:
-        toks = list(out.token_ids)  # EOS included when the response ended with it
-        lps = [float(step[t].logprob) for step, t in zip(out.logprobs, toks)]
-        return Trajectory(response_ids=toks, text=self.tokenizer.decode(toks, skip_special_tokens=True),
-                          sampling_logprobs=lps, finished=out.finish_reason == "stop")
+
+class VLLMWorkerEngine:
+    """vLLM in the asynchronous rollout worker: the engine protocol's ``generate``, plus ``load``
+    (the trainer's pushed weights, by the plain model's names) and ``probe_logprobs`` (what the
+    trainer compares after every load). The worker process sees only its own GPU."""
+
+    compile = False  # rollout.compile is the HF engine's; the worker reports it
+
+    def __init__(self, path: str, tokenizer: Any, dtype: torch.dtype, gpu_memory_utilization: float, seed: int):
+        # In-process engine core: load_weights must reach the model, and a daemonic worker may not start processes.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        from vllm import LLM
+
+        self.tokenizer = tokenizer
+        self.llm = LLM(model=path, tokenizer=path, dtype=str(dtype).removeprefix("torch."),
+                       gpu_memory_utilization=gpu_memory_utilization, seed=seed, logprobs_mode="processed_logprobs")
+
+    def load(self, weights: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            self.llm.apply_model(lambda m: m.load_weights(list(weights.items())))
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+    def probe_logprobs(self, ids: torch.Tensor) -> torch.Tensor:
+        """log p(ids[t] | ids[<t]) for t ≥ 1, [len − 1] float32: vLLM's prompt log-probs at T = 1."""
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.inputs import TokensPrompt
+
+        toks = ids[0].tolist()
+        sp = VSamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0)  # 0: the prompt token's own
+        out, = self.llm.generate([TokensPrompt(prompt_token_ids=toks)], sp, use_tqdm=False)
+        return torch.tensor([out.prompt_logprobs[t][toks[t]].logprob for t in range(1, len(toks))], dtype=torch.float32)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, *, progress: bool = False) -> list[list[Trajectory]]:
+        return _generate(self.llm, self.tokenizer, prompts, params, progress)
+
+
+def _generate(llm: Any, tokenizer: Any, prompts: list[list[int]], params: SamplingParams, progress: bool) -> list[list[Trajectory]]:
+    from vllm import SamplingParams as VSamplingParams
+    from vllm.inputs import TokensPrompt
+
+    greedy = params.temperature <= 0
+    # Explicit top-k: -1 is "off" in every vLLM version (0 only in recent ones); explicit
+    # params also keep the model's generation_config.json defaults (often a top-k) out.
+    sp = VSamplingParams(n=params.n, temperature=0.0 if greedy else params.temperature,
+                         top_p=1.0 if greedy else params.top_p,
+                         top_k=params.top_k if params.top_k > 0 and not greedy else -1,
+                         max_tokens=params.max_new_tokens, logprobs=0)  # 0: the sampled token's only
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sp, use_tqdm=progress)
+    return [[_trajectory(o, tokenizer) for o in req.outputs] for req in outputs]
+
+
+def _trajectory(out: Any, tokenizer: Any) -> Trajectory:
+    toks = list(out.token_ids)  # EOS included when the response ended with it
+    lps = [float(step[t].logprob) for step, t in zip(out.logprobs, toks)]
+    return Trajectory(response_ids=toks, text=tokenizer.decode(toks, skip_special_tokens=True),
+                      sampling_logprobs=lps, finished=out.finish_reason == "stop")
 
 
 def _zero3_gather(p):
@@ -144,10 +189,14 @@ def _zero3_gather(p):
     return deepspeed.zero.GatheredParameters([p], modifier_rank=None)
 
 
-def vllm_engine(model: Any, tokenizer: Any, config: Any) -> VLLMRolloutEngine:
+def require_vllm() -> None:
     try:
         import vllm  # noqa: F401
     except ImportError as e:
         raise ImportError(f"rollout.engine=vllm needs vLLM and a GPU ({e}): install it in its own environment, "
                           "see README 'Scaling up'") from e
+
+
+def vllm_engine(model: Any, tokenizer: Any, config: Any) -> VLLMRolloutEngine:
+    require_vllm()
     return VLLMRolloutEngine(model, tokenizer, config)

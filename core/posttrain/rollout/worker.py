@@ -18,11 +18,14 @@ tensors (``share_memory_``: torch's own inter-process transfer, no file format):
 The worker's model lives on ``rollout.worker_device`` (auto: the trainer's device; the shared
 buffer stays in CPU memory and each load copies it over). Its sampling RNG is its own (seeded from
 ``trainer.seed``; on a GPU, that GPU's generator too); ``rng`` / ``set_rng`` move it in and out of
-checkpoints. vLLM has no worker here yet (``config.py`` refuses the combination).
+checkpoints. With ``rollout.engine: vllm`` the worker hosts a vLLM engine instead of the HF model
+(``vllm_engine.VLLMWorkerEngine``, GPU only), loaded through vLLM's ``load_weights`` from the same
+buffer; the worker process then sees only its GPU.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import time
 from typing import Any
@@ -30,8 +33,10 @@ from typing import Any
 import torch
 
 PROBE_LEN = 24
-# max |Δ log-prob| on the probe between trainer and worker that still counts as "the same weights"
-TOLERANCE = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 1e-1}
+# max |Δ log-prob| on the probe between trainer and worker that still counts as "the same weights";
+# vLLM's kernels (fused attention, other reduction orders) are further from the trainer's HF model
+TOLERANCE = {"hf": {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 1e-1},
+             "vllm": {torch.float32: 1e-2, torch.float16: 5e-2, torch.bfloat16: 2e-1}}
 
 
 class WeightSyncError(RuntimeError):
@@ -73,8 +78,8 @@ def probe_logprobs(model: Any, ids: torch.Tensor) -> torch.Tensor:
 class ProbeCheck:
     """Compares what the worker reports after a load with what the trainer pushed."""
 
-    def __init__(self, dtype: torch.dtype):
-        self.tol = TOLERANCE.get(dtype, 1e-3)
+    def __init__(self, dtype: torch.dtype, engine: str = "hf"):
+        self.tol = TOLERANCE[engine].get(dtype, TOLERANCE[engine][torch.float32])
         self.expected: dict[int, torch.Tensor] = {}
         self.last_served: torch.Tensor | None = None
 
@@ -101,7 +106,7 @@ class RolloutWorker:
     """The trainer's handle on the worker process (started by ``start``, stopped by ``close``)."""
 
     def __init__(self, model: Any, tokenizer: Any, *, mode: str, threads: int, seed: int, batch_size: int,
-                 device: str = "cpu", compile: bool = False):
+                 device: str = "cpu", compile: bool = False, engine: str = "hf", gpu_memory_utilization: float = 0.5):
         import torch.multiprocessing as mp
 
         ctx = mp.get_context("spawn")
@@ -110,10 +115,11 @@ class RolloutWorker:
         self.cmd, self.res = ctx.Queue(), ctx.Queue()
         self.lock, self.version = ctx.Lock(), ctx.Value("q", -1)
         self.probe = probe_ids(plain_config(model).vocab_size)
-        self.check = ProbeCheck(next(iter(self.buffer.values())).dtype)
+        self.check = ProbeCheck(next(iter(self.buffer.values())).dtype, engine)
+        spec = EngineSpec(engine, batch_size, compile, plain_config(model).name_or_path, gpu_memory_utilization)
         self.proc = ctx.Process(target=_main, daemon=True, name="posttrain-rollout-worker",
                                 args=(plain_config(model), tokenizer, self.buffer, self.cmd, self.res, self.lock, self.version,
-                                      mode, threads, seed, batch_size, self.probe, device, compile))
+                                      mode, threads, seed, spec, self.probe, device))
         self.proc.start()
         self._tickets = 0
         self._done: dict[int, tuple] = {}
@@ -212,8 +218,62 @@ class RolloutWorker:
             self.proc = None
 
 
-def _main(config, tokenizer, buffer, cmd, res, lock, version, mode, threads, seed, batch_size, probe, device,
-          compile) -> None:
+@dataclasses.dataclass(frozen=True)
+class EngineSpec:
+    """What the worker samples with: ``kind`` hf (``batch_size``, ``compile``) or vllm (the
+    model's ``path`` for its architecture and tokenizer, ``gpu_memory_utilization``)."""
+
+    kind: str
+    batch_size: int
+    compile: bool
+    path: str
+    gpu_memory_utilization: float
+
+
+class _HFWorkerEngine:
+    """The HF model the worker samples with: ``generate`` (the engine protocol), ``load``, ``probe_logprobs``."""
+
+    def __init__(self, config: Any, tokenizer: Any, dtype: torch.dtype, device: str, spec: EngineSpec):
+        from transformers import AutoModelForCausalLM
+
+        from .hf import HFRolloutEngine
+
+        self.model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
+        self.params = dict(self.model.named_parameters())
+        self.engine = HFRolloutEngine(self.model, tokenizer, batch_size=spec.batch_size, compile=spec.compile)
+        self.device = str(next(self.model.parameters()).device)
+
+    @property
+    def compile(self) -> bool:  # False once a failed compilation fell back to eager
+        return self.engine.compile
+
+    def load(self, weights: dict[str, torch.Tensor]) -> None:
+        if set(self.params) != set(weights):
+            raise RuntimeError(f"weights the trainer pushes ({len(weights)}) do not match the worker's model ({len(self.params)})")
+        with torch.no_grad():
+            for k, p in self.params.items():
+                p.copy_(weights[k])
+
+    def probe_logprobs(self, ids: torch.Tensor) -> torch.Tensor:
+        return probe_logprobs(self.model, ids)
+
+    def generate(self, prompts: list[list[int]], params: Any, *, progress: bool = False) -> list:
+        return self.engine.generate(prompts, params, progress=progress)
+
+
+def _only_gpu(device: str) -> str:
+    """Make ``device`` (cuda:N of the trainer's numbering) this process's only visible GPU, before
+    anything touches CUDA here, so vLLM puts everything on it; its name here becomes cuda:0."""
+    import os
+
+    index = torch.device(device).index or 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = visible.split(",") if visible else [str(i) for i in range(index + 1)]
+    os.environ["CUDA_VISIBLE_DEVICES"] = ids[index]
+    return "cuda:0"
+
+
+def _main(config, tokenizer, buffer, cmd, res, lock, version, mode, threads, seed, spec, probe, device) -> None:
     """The worker process: load, generate, report, until ``stop``."""
     import multiprocessing
     import signal
@@ -224,26 +284,25 @@ def _main(config, tokenizer, buffer, cmd, res, lock, version, mode, threads, see
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle: it saves, then stops us
     limit_worker(threads)
     try:
-        from transformers import AutoModelForCausalLM
-
         from . import generate_requests
-        from .hf import HFRolloutEngine
 
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=next(iter(buffer.values())).dtype).to(device)
-        params = dict(model.named_parameters())
-        if set(params) != set(buffer):
-            raise RuntimeError(f"weights the trainer pushes ({len(buffer)}) do not match the worker's model ({len(params)})")
-        engine = HFRolloutEngine(model, tokenizer, batch_size=batch_size, compile=compile)
+        dtype = next(iter(buffer.values())).dtype
+        torch.manual_seed(seed)  # CUDA's generator is seeded when CUDA starts: after _only_gpu
+        if spec.kind == "vllm":
+            from .vllm_engine import VLLMWorkerEngine
+
+            served, device = device, _only_gpu(device)
+            engine: Any = VLLMWorkerEngine(spec.path, tokenizer, dtype, spec.gpu_memory_utilization, seed)
+        else:
+            engine = _HFWorkerEngine(config, tokenizer, dtype, device, spec)
+            served = engine.device
         loaded = -1
 
         def load(v: int) -> None:
             nonlocal loaded
-            with torch.no_grad():
-                for k, p in params.items():
-                    p.copy_(buffer[k])
+            engine.load(buffer)
             loaded = v
-            res.put(("loaded", v, loaded, probe_logprobs(model, probe), str(next(model.parameters()).device)))
+            res.put(("loaded", v, loaded, engine.probe_logprobs(probe), served))
 
         parent = multiprocessing.parent_process()
         while True:

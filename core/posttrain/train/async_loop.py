@@ -164,14 +164,19 @@ class AsyncRollouts:
             return False
         from ..rollout.worker import RolloutWorker
 
-        trainer, worker = thread_split(self.e.cfg.rollout.worker_threads)
+        r = self.e.cfg.rollout
+        if r.engine == "vllm":
+            from ..rollout.vllm_engine import require_vllm
+
+            require_vllm()  # here, in one line, rather than as the worker's first failure
+        trainer, worker = thread_split(r.worker_threads)
         self._threads_before = threads.ceiling()
         threads.set_count(trainer)  # under auto, adaptation continues below the trainer's share
         e = self.e
         self.worker = RolloutWorker(e.backend.model, e.tokenizer, mode=self.mode, threads=worker,
-                                    seed=e.cfg.trainer.seed + 7919, batch_size=e.cfg.rollout.batch_size,
-                                    device=worker_device(e.cfg.rollout.worker_device, e.device),
-                                    compile=e.cfg.rollout.compile)
+                                    seed=e.cfg.trainer.seed + 7919, batch_size=r.batch_size,
+                                    device=worker_device(r.worker_device, e.device), compile=r.compile,
+                                    engine=r.engine, gpu_memory_utilization=r.gpu_memory_utilization)
         if self._rng is not None:
             self.worker.set_rng(self._rng)
         m.log("async/trainer_threads", trainer, reduce="last")
@@ -196,6 +201,13 @@ class AsyncRollouts:
     def load_state_dict(self, state: dict) -> None:
         self.pending = {int(u): _item(d) for u, d in state["pending"].items()}
         self._rng = state["worker_rng"]
+
+
+def trainer_engine(rollout: Any) -> str:
+    """The engine the trainer process keeps for what it samples itself (further ``select_groups``
+    rounds, evaluation). With async vLLM that is the HF engine on the policy: vLLM runs in the
+    worker, and a second vLLM engine in the trainer would take the same GPU memory again."""
+    return "hf" if rollout.max_staleness and rollout.engine == "vllm" else rollout.engine
 
 
 def worker_device(setting: str, trainer_device: torch.device) -> str:
