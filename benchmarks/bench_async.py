@@ -1,6 +1,7 @@
 """Synchronous loop vs asynchronous rollouts (rollout.max_staleness k = 1, 2), side by side.
 
     python benchmarks/bench_async.py [--steps 10 --prompts 8 --n 4 --max-new-tokens 32]
+    python benchmarks/bench_async.py --engine vllm      # on a GPU: vLLM colocated (sync) vs in the worker (async)
 
 Same workload for every variant: GRPO on the synthetic arithmetic task, ``--prompts`` prompts ×
 ``--n`` samples per step, random-weight tiny models (hidden 64 and hidden 256, built locally), so
@@ -27,6 +28,9 @@ from pathlib import Path
 
 VARIANTS = {"sync": {}, "async k=1": {"rollout.max_staleness": 1}, "async k=2": {"rollout.max_staleness": 2}}
 MODELS = {"tiny (hidden 64)": {"hidden": 64, "layers": 2}, "hidden 256": {"hidden": 256, "layers": 4}}
+# vllm: trainer and rollouts on the GPU; the sync variant colocates vLLM (asleep while training),
+# the async ones run it in the worker process on the same GPU.
+ENGINES = {"hf": {}, "vllm": {"rollout.engine": "vllm", "trainer.device": "cuda", "rollout.gpu_memory_utilization": 0.3}}
 
 
 def summarize(rows: list[dict], skip: int = 1) -> dict[str, float]:
@@ -49,7 +53,8 @@ def run_variant(model: Path, run_dir: Path, over: dict, args: argparse.Namespace
     from posttrain.testing import tiny_config
 
     over = {"rollout.n": args.n, "rollout.max_new_tokens": args.max_new_tokens, "trainer.prompts_per_step": args.prompts,
-            "rollout.is_cap": 2.0, "algorithm.entropy_coef": 0.01, "data.train": "synthetic:arithmetic?n=512&seed=0", **over}
+            "rollout.is_cap": 2.0, "algorithm.entropy_coef": 0.01, "data.train": "synthetic:arithmetic?n=512&seed=0",
+            **ENGINES[args.engine], **over}
     train(tiny_config(model, run_dir, steps=args.steps, overrides=over), base=None)
     return summarize(read_metrics(run_dir / "metrics.jsonl"), skip=1 + over.get("rollout.max_staleness", 0))
 
@@ -60,9 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--models", nargs="*", default=None, choices=list(MODELS),
+                    help="default: both with hf, hidden 256 with vllm (its attention kernels need head_dim 64)")
+    ap.add_argument("--engine", choices=list(ENGINES), default="hf")
     ap.add_argument("--json", action="store_true", help="print one JSON line per variant instead of the table")
     args = ap.parse_args(argv)
+    if args.models is None:
+        args.models = ["hidden 256"] if args.engine == "vllm" else list(MODELS)
 
     from posttrain import threads
 
@@ -74,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer, worker = thread_split("auto")
     print(f"# {policy.line()}; load average {os.getloadavg()[0]:.2f} (other users' work shares these cores)")
     print(f"# sync: {policy.threads} threads for rollouts and training in turn; async: trainer {trainer} + worker {worker}")
-    print(f"# workload: GRPO, {args.prompts} prompts x {args.n} samples, {args.max_new_tokens} new tokens, "
+    print(f"# workload: GRPO ({args.engine} rollouts), {args.prompts} prompts x {args.n} samples, {args.max_new_tokens} new tokens, "
           f"{args.steps} steps (the first k + 1 left out)")
     with tempfile.TemporaryDirectory() as tmp:
         header = f"{'model':18} {'variant':10} {'steps/s':>8} {'train tok/s':>11} {'gen tok/s':>9} {'trainer waited':>14} {'rollout waited':>14}"
