@@ -79,6 +79,9 @@ class Recorder:
      "rollout.worker_device: auto puts the worker on the CPU here: set rollout.worker_device=cuda:N, or rollout.engine=hf."),
     ({"rollout.max_staleness": 1, "rollout.is_cap": 2.0, "rollout.engine": "vllm", "rollout.worker_device": "cpu"},
      "rollout.worker_device: cpu puts the worker on the CPU here"),
+    ({"rollout.max_staleness": 1, "rollout.is_cap": 2.0, "rollout.engine": "sglang"},
+     "rollout.max_staleness: 1 runs the rollout engine in a worker process, implemented for rollout.engine hf and vllm "
+     "(got 'sglang'); set rollout.max_staleness=0 for it."),
     ({"rollout.max_staleness": 1, "rollout.is_cap": 2.0, "rollout.engine": "vllm", "rollout.tensor_parallel_size": 2},
      "the asynchronous rollout worker runs one vLLM engine on one GPU: set rollout.tensor_parallel_size=1."),
     ({"rollout.worker_threads": "0"}, "rollout.worker_threads: '0' is not auto or a positive integer"),

@@ -442,6 +442,9 @@ def _check_async(r: RolloutConfig, trainer_device: str) -> list[str]:
     if r.is_cap is None and r.is_mask is None:
         p.append(f"rollout.max_staleness: {r.max_staleness} trains on rollouts of older policies, which needs importance "
                  "sampling: set rollout.is_cap (e.g. 2.0) or rollout.is_mask (e.g. [0.5, 2.0]).")
+    if r.engine not in ("hf", "vllm"):
+        p.append(f"rollout.max_staleness: {r.max_staleness} runs the rollout engine in a worker process, implemented for "
+                 f"rollout.engine hf and vllm (got '{r.engine}'); set rollout.max_staleness=0 for it.")
     if r.engine == "vllm" and r.tensor_parallel_size > 1:
         p.append(f"rollout.tensor_parallel_size: {r.tensor_parallel_size} with rollout.max_staleness: {r.max_staleness}; the "
                  "asynchronous rollout worker runs one vLLM engine on one GPU: set rollout.tensor_parallel_size=1.")
