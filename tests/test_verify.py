@@ -185,7 +185,8 @@ def test_math_batch_mixing_hanging_and_normal_answers(mathv):
 def test_math_empty_and_close_leave_no_processes():
     v = MathVerifier(timeout_s=5, workers=1)
     assert v.verify([]) == [] and v._pool.pids == []
-    assert v.verify([(r"\boxed{6}", "6")]) == [VerifyResult(1.0)]
+    assert v.verify([(r"\boxed{6}", "6")]) == [VerifyResult(1.0)] and v._pool.pids == []  # decided in the parent
+    assert v.verify([(r"\boxed{\frac{1}{2}}", "0.5")]) == [VerifyResult(1.0)]
     pids = v._pool.pids
     assert len(_alive(pids)) == 1
     v.close()

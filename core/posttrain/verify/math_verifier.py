@@ -156,9 +156,12 @@ class MathVerifier:
         """``budget_s``: wall-clock for all the items; those not checked within it time out."""
         if not items:
             return []
-        self._pool.start()  # even if this batch is all plain numbers: the next may not be, and start-up is slow
         tasks = [("" if r is None else str(r), "" if g is None else str(g)) for r, g in items]
         fast = [fast_numeric(r, g) for r, g in tasks]
+        # The workers start with the first answer that needs them, while the caller waits for it.
+        # Started ahead, beside a trainer using every core, their start-up (sympy, ~0.4 s CPU each)
+        # slowed its step by as much and made trainer.threads=auto read it as another program's
+        # load: 1 thread for the next 5 s of the demo's GRPO stage, whose answers are all numbers.
         slow = [i for i, f in enumerate(fast) if f is None]
         outcomes = iter(self._pool.map([tasks[i] for i in slow], budget_s=budget_s))
         results = [VerifyResult(f) if f is not None else _to_result(next(outcomes)) for f in fast]

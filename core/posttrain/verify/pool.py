@@ -240,14 +240,6 @@ class WorkerPool:
         """Process ids of the current workers (for tests and debugging)."""
         return [w.process.pid for w in self._workers]
 
-    def start(self) -> None:
-        """Start the workers now without waiting for them (``map`` uses them once they are ready)."""
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("WorkerPool is closed")
-            if len(self._workers) < self.workers:
-                self._fill()
-
     # --- the batch loop -------------------------------------------------------------------------
 
     def map(self, args: Sequence[Any], budget_s: Optional[float] = None) -> list[Outcome]:
