@@ -1,10 +1,13 @@
 """Step time of the demo's SFT and GRPO stages under CPU contention, for several thread settings.
 
-    python benchmarks/bench_threads.py [--sft-steps 40 --grpo-steps 3 --timeout 300 --rounds 1]
+    python benchmarks/bench_threads.py [--sft-steps 40 --grpo-steps 3 --grpo-start sft --timeout 300 --rounds 1]
 
 Workloads: stage 0 (SFT) and stage 1 (GRPO) of configs/demo/demo.yaml, each run alone for a few
-steps with evaluation off (the GRPO stage starts from the random-weight model, so every response
-runs to max_new_tokens: the slow end of that stage). Scenarios: ``idle`` (nothing started by
+steps with evaluation off. The GRPO stage starts where the demo starts it, from the SFT stage's
+final weights (``--grpo-start sft``: the whole SFT stage is trained once first, on the machine as
+it is, about 2 minutes; short numeric answers), or from the random-weight model
+(``--grpo-start random``: every response runs to max_new_tokens, the slow end of that stage).
+Scenarios: ``idle`` (nothing started by
 this script; the load average printed next to it says how idle the machine really was),
 ``busy`` (one CPU-bound neighbour at equal priority), ``busy-nice`` (the same neighbour, with
 the training process at nice +10, i.e. the neighbour has the higher priority; no root needed).
@@ -52,18 +55,34 @@ NEIGHBOUR = "while True: pass"
 TORCH_DEFAULT = "import sys; from posttrain.run import train; train(sys.argv[1])"
 
 
-def stage_yaml(workload: str, steps: int, run_dir: Path, out: Path) -> Path:
-    """One stage of the demo as a stand-alone config: ``steps`` steps, no evaluation."""
+def stage_yaml(workload: str, steps: int | None, run_dir: Path, out: Path, model: str | None = None) -> Path:
+    """One stage of the demo as a stand-alone config: ``steps`` steps (None: the demo's), no
+    evaluation, starting from ``model`` (None: the demo's random-weight model)."""
     from posttrain.config import stage_configs
 
     cfg = stage_configs(OmegaConf.load(DEMO))[WORKLOADS.index(workload)]
-    cfg.trainer.steps = steps
+    if steps is not None:
+        cfg.trainer.steps = steps
+    if model is not None:
+        cfg.model.path = model
     cfg.eval.enabled = False
     cfg.save_every, cfg.run_dir, cfg.resume = 0, str(run_dir), "never"
     cfg.logging.console_every = 10**6
     cfg.logging.progress = False
     OmegaConf.save(cfg, out)
     return out
+
+
+def sft_weights(tmp: Path) -> str:
+    """The demo's SFT stage, trained once with posttrain's defaults: the GRPO stage's start."""
+    run_dir = tmp / "sft-stage"
+    config = stage_yaml("sft", None, run_dir, tmp / "sft-stage.yaml")
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "posttrain.cli", "train", str(config)], env=clean_env(), cwd=tmp,
+                   check=True, stdout=subprocess.DEVNULL)
+    final = max((run_dir / "checkpoints").glob("step-*"))
+    print(f"GRPO starts from the demo's SFT stage: {final} ({time.perf_counter() - t0:.0f} s to train)", flush=True)
+    return str(final)
 
 
 def command(variant: str, config: Path) -> list[str]:
@@ -94,10 +113,10 @@ def summarize(times: list[float]) -> float | None:
     return statistics.median(times[1:]) if len(times) >= 2 else None
 
 
-def run_one(workload: str, variant: str, scenario: str, steps: int, timeout: float, tmp: Path) -> dict:
+def run_one(workload: str, variant: str, scenario: str, steps: int, timeout: float, tmp: Path, model: str | None = None) -> dict:
     run_dir = tmp / f"{workload}-{variant}-{scenario}".replace("=", "")
     shutil.rmtree(run_dir, ignore_errors=True)  # a round's times only (TRL's timer appends)
-    config = stage_yaml(workload, steps, run_dir, tmp / f"{run_dir.name}.yaml")
+    config = stage_yaml(workload, steps, run_dir, tmp / f"{run_dir.name}.yaml", model)
     neighbour = None
     if scenario != "idle":
         neighbour = subprocess.Popen([sys.executable, "-c", NEIGHBOUR])
@@ -221,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sft-steps", type=int, default=40)
     ap.add_argument("--grpo-steps", type=int, default=3)
+    ap.add_argument("--grpo-start", choices=("sft", "random"), default="sft",
+                    help="GRPO from the demo's SFT stage (trained first, ~2 min) or from the random-weight model")
     ap.add_argument("--timeout", type=float, default=300, help="seconds per run before it is stopped")
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
@@ -242,11 +263,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for workload in args.workloads.split(","):
             steps = args.sft_steps if workload == "sft" else args.grpo_steps
+            model = sft_weights(Path(tmp)) if workload == "grpo" and args.grpo_start == "sft" else None
             for round_ in range(args.rounds):  # machine noise drifts: every variant in every round
                 for scenario in args.scenarios.split(","):
                     for variant in variants:
                         load = os.getloadavg()[0]
-                        r = run_one(workload, variant, scenario, steps, args.timeout, Path(tmp))
+                        r = run_one(workload, variant, scenario, steps, args.timeout, Path(tmp), model)
                         results.append({**r, "load_before": load, "round": round_})
                         step = f"{r['step_s']:.3f} s" if r["step_s"] is not None else "no steps"
                         print(f"  {workload:<5} {scenario:<10} {variant:<10} {step:>10} over {r['steps']} steps"

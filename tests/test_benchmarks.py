@@ -114,3 +114,15 @@ def test_bench_threads_cells_are_medians_over_rounds(capsys):
     assert cells[("sft", "torch", "idle")] == {"step_s": 0.05, "timed_out": True}  # a round without steps adds none
     bt.report(runs)
     assert "posttrain / torch   1.40x" in capsys.readouterr().out
+
+
+def test_bench_threads_grpo_stage_can_start_from_the_sft_weights(tmp_path):
+    from omegaconf import OmegaConf
+
+    bt = _load("bench_threads")
+    demo = OmegaConf.load(bt.DEMO)
+    grpo = OmegaConf.load(bt.stage_yaml("grpo", None, tmp_path / "run", tmp_path / "g.yaml", model="/ckpt/step-001500"))
+    assert grpo.model.path == "/ckpt/step-001500" and grpo.algorithm.name == "grpo"
+    assert grpo.trainer.steps == demo.stages[1].trainer.steps and grpo.eval.enabled is False
+    sft = OmegaConf.load(bt.stage_yaml("sft", 7, tmp_path / "run", tmp_path / "s.yaml"))
+    assert sft.model.path == demo.model.path and sft.trainer.steps == 7 and sft.algorithm.name == "sft"
