@@ -78,7 +78,7 @@ def sft_weights(tmp: Path) -> str:
     run_dir = tmp / "sft-stage"
     config = stage_yaml("sft", None, run_dir, tmp / "sft-stage.yaml")
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "posttrain.cli", "train", str(config)], env=clean_env(), cwd=tmp,
+    subprocess.run([sys.executable, "-m", "posttrain", "train", str(config)], env=clean_env(), cwd=tmp,
                    check=True, stdout=subprocess.DEVNULL)
     final = max((run_dir / "checkpoints").glob("step-*"))
     print(f"GRPO starts from the demo's SFT stage: {final} ({time.perf_counter() - t0:.0f} s to train)", flush=True)
@@ -91,7 +91,7 @@ def command(variant: str, config: Path) -> list[str]:
     if variant == "trl":
         return [sys.executable, __file__, "--trl-run", str(config)]
     extra = ["trainer.threads=1"] if variant == "threads=1" else []
-    return [sys.executable, "-m", "posttrain.cli", "train", str(config), *extra]
+    return [sys.executable, "-m", "posttrain", "train", str(config), *extra]
 
 
 def clean_env() -> dict[str, str]:

@@ -193,6 +193,27 @@ def test_math_empty_and_close_leave_no_processes():
     assert _alive(pids) == []
 
 
+
+def test_workers_under_the_posttrain_command_start_without_torch(tmp_path):
+    """spawn re-runs the parent's main script in each worker: the command's must not import torch."""
+    import subprocess
+    import sys
+    from importlib.metadata import entry_points
+
+    ep = entry_points(group="console_scripts")["posttrain"]
+    script = tmp_path / "posttrain_command.py"  # what pip writes for the console script, plus a verification
+    script.write_text(f"""from {ep.module} import {ep.attr}
+if __name__ == "__main__":
+    from posttrain.verify.math_verifier import MathVerifier
+    with MathVerifier(timeout_s=30, workers=2) as v:
+        print(v.verify([(r"\\boxed{{\\frac{{1}}{{2}}}}", "0.5")])[0].reward)
+        maps = [open(f"/proc/{{pid}}/maps").read() for pid in v._pool.pids]
+        print(len(maps), sum("libtorch" in m for m in maps))
+""")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1.0", "2", "0"]  # verified; two workers, neither with torch loaded
+
 # --- exact and choice --------------------------------------------------------------------------
 
 
