@@ -75,12 +75,14 @@ def stage_yaml(workload: str, steps: int | None, run_dir: Path, out: Path, model
 
 def sft_weights(tmp: Path) -> str:
     """The demo's SFT stage, trained once with posttrain's defaults: the GRPO stage's start."""
+    from posttrain.checkpoint import latest_checkpoint
+
     run_dir = tmp / "sft-stage"
     config = stage_yaml("sft", None, run_dir, tmp / "sft-stage.yaml")
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "posttrain", "train", str(config)], env=clean_env(), cwd=tmp,
                    check=True, stdout=subprocess.DEVNULL)
-    final = max((run_dir / "checkpoints").glob("step-*"))
+    final = latest_checkpoint(run_dir)
     print(f"GRPO starts from the demo's SFT stage: {final} ({time.perf_counter() - t0:.0f} s to train)", flush=True)
     return str(final)
 
